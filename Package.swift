@@ -1,0 +1,93 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "RTVirt",
+    platforms: [.macOS(.v13)],
+    products: [
+        .library(name: "RTVirtCore", targets: ["RTVirtCore"]),
+        .library(name: "KVMBackend", targets: ["KVMBackend"]),
+        .library(name: "VMRPC", targets: ["VMRPC"]),
+        .library(name: "CgroupScheduler", targets: ["CgroupScheduler"]),
+        .library(name: "RTVirtTesting", targets: ["RTVirtTesting"]),
+        .library(name: "RTVirtGuestImage", targets: ["RTVirtGuestImage"]),
+        .executable(name: "rtvirt", targets: ["rtvirt"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // MARK: C shims and system libraries (internal)
+        .target(name: "CLinuxSupport"),
+        .target(name: "CKVMShim"),
+        .systemLibrary(
+            name: "CLibcgroup",
+            pkgConfig: "libcgroup",
+            providers: [.apt(["libcgroup-dev"])]
+        ),
+        .systemLibrary(
+            name: "CLibnuma",
+            pkgConfig: "numa",
+            providers: [.apt(["libnuma-dev"])]
+        ),
+
+        // MARK: Feature modules
+        .target(
+            name: "RTVirtCore",
+            dependencies: [
+                "CLinuxSupport",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "KVMBackend",
+            dependencies: [
+                "RTVirtCore", "CKVMShim", "CLinuxSupport",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .target(name: "VMRPC", dependencies: ["RTVirtCore"]),
+        .target(
+            name: "CgroupScheduler",
+            dependencies: ["RTVirtCore", "CLibcgroup", "CLibnuma", "CLinuxSupport"]
+        ),
+        .target(name: "RTVirtTesting", dependencies: ["RTVirtCore"]),
+
+        // MARK: The bundled guest, built from Guest/ by a build-tool plugin
+        .executableTarget(name: "GuestImageEmbedder", path: "Plugins/GuestImageEmbedder"),
+        .plugin(
+            name: "GuestImageBuilder",
+            capability: .buildTool(),
+            dependencies: ["GuestImageEmbedder"]
+        ),
+        .target(
+            name: "RTVirtGuestImage",
+            dependencies: ["RTVirtCore"],
+            plugins: ["GuestImageBuilder"]
+        ),
+
+        // MARK: The tool
+        .executableTarget(
+            name: "rtvirt",
+            dependencies: [
+                "RTVirtCore", "KVMBackend", "VMRPC", "CgroupScheduler", "RTVirtGuestImage",
+                "CLinuxSupport",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+
+        // MARK: Tests
+        .testTarget(name: "RTVirtCoreTests", dependencies: ["RTVirtCore", "RTVirtTesting"]),
+        .testTarget(
+            name: "KVMBackendTests",
+            dependencies: ["KVMBackend", "RTVirtCore", "RTVirtTesting", "RTVirtGuestImage"]
+        ),
+        .testTarget(name: "VMRPCTests", dependencies: ["VMRPC", "RTVirtTesting"]),
+        .testTarget(name: "CgroupSchedulerTests", dependencies: ["CgroupScheduler"]),
+        .testTarget(name: "RTVirtTestingTests", dependencies: ["RTVirtTesting"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

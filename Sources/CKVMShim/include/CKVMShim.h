@@ -1,0 +1,117 @@
+// Internal C shim for KVMBackend: ioctl request numbers (function-like macros that Swift
+// cannot import), decoding of `struct kvm_run` exits, and an async-signal-safe kick.
+#ifndef RTVIRT_CKVMSHIM_H
+#define RTVIRT_CKVMSHIM_H
+
+#include <linux/kvm.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <sys/ioctl.h>
+
+// MARK: ioctl wrappers. Each returns what ioctl(2) returns; errno is left as ioctl set it.
+
+static inline int rtv_kvm_get_api_version(int fd) { return ioctl(fd, KVM_GET_API_VERSION, 0); }
+static inline int rtv_kvm_create_vm(int fd, unsigned long type) { return ioctl(fd, KVM_CREATE_VM, type); }
+static inline int rtv_kvm_check_extension(int fd, long cap) { return ioctl(fd, KVM_CHECK_EXTENSION, cap); }
+static inline int rtv_kvm_get_vcpu_mmap_size(int fd) { return ioctl(fd, KVM_GET_VCPU_MMAP_SIZE, 0); }
+static inline int rtv_kvm_get_supported_cpuid(int fd, struct kvm_cpuid2 *cpuid) {
+    return ioctl(fd, KVM_GET_SUPPORTED_CPUID, cpuid);
+}
+
+static inline int rtv_kvm_set_user_memory_region(int vmfd, const struct kvm_userspace_memory_region *r) {
+    return ioctl(vmfd, KVM_SET_USER_MEMORY_REGION, r);
+}
+static inline int rtv_kvm_create_vcpu(int vmfd, unsigned long id) { return ioctl(vmfd, KVM_CREATE_VCPU, id); }
+static inline int rtv_kvm_create_irqchip(int vmfd) { return ioctl(vmfd, KVM_CREATE_IRQCHIP, 0); }
+static inline int rtv_kvm_create_pit2(int vmfd) {
+    struct kvm_pit_config config = {0};
+    return ioctl(vmfd, KVM_CREATE_PIT2, &config);
+}
+static inline int rtv_kvm_set_tss_addr(int vmfd, unsigned long addr) { return ioctl(vmfd, KVM_SET_TSS_ADDR, addr); }
+static inline int rtv_kvm_set_identity_map_addr(int vmfd, uint64_t addr) {
+    return ioctl(vmfd, KVM_SET_IDENTITY_MAP_ADDR, &addr);
+}
+static inline int rtv_kvm_ioeventfd(int vmfd, const struct kvm_ioeventfd *e) { return ioctl(vmfd, KVM_IOEVENTFD, e); }
+static inline int rtv_kvm_irqfd(int vmfd, const struct kvm_irqfd *e) { return ioctl(vmfd, KVM_IRQFD, e); }
+
+static inline int rtv_kvm_run(int vcpufd) { return ioctl(vcpufd, KVM_RUN, 0); }
+static inline int rtv_kvm_get_regs(int vcpufd, struct kvm_regs *r) { return ioctl(vcpufd, KVM_GET_REGS, r); }
+static inline int rtv_kvm_set_regs(int vcpufd, const struct kvm_regs *r) { return ioctl(vcpufd, KVM_SET_REGS, r); }
+static inline int rtv_kvm_get_sregs(int vcpufd, struct kvm_sregs *r) { return ioctl(vcpufd, KVM_GET_SREGS, r); }
+static inline int rtv_kvm_set_sregs(int vcpufd, const struct kvm_sregs *r) { return ioctl(vcpufd, KVM_SET_SREGS, r); }
+static inline int rtv_kvm_set_cpuid2(int vcpufd, const struct kvm_cpuid2 *c) { return ioctl(vcpufd, KVM_SET_CPUID2, c); }
+static inline int rtv_kvm_get_msrs(int vcpufd, struct kvm_msrs *m) { return ioctl(vcpufd, KVM_GET_MSRS, m); }
+static inline int rtv_kvm_set_msrs(int vcpufd, const struct kvm_msrs *m) { return ioctl(vcpufd, KVM_SET_MSRS, m); }
+
+// MARK: Capability numbers used by the backend.
+enum rtv_kvm_capability {
+    RTV_CAP_IRQCHIP = KVM_CAP_IRQCHIP,
+    RTV_CAP_USER_MEMORY = KVM_CAP_USER_MEMORY,
+    RTV_CAP_SET_TSS_ADDR = KVM_CAP_SET_TSS_ADDR,
+    RTV_CAP_EXT_CPUID = KVM_CAP_EXT_CPUID,
+    RTV_CAP_PIT2 = KVM_CAP_PIT2,
+    RTV_CAP_IMMEDIATE_EXIT = KVM_CAP_IMMEDIATE_EXIT,
+    RTV_CAP_IOEVENTFD = KVM_CAP_IOEVENTFD,
+    RTV_CAP_IRQFD = KVM_CAP_IRQFD,
+    RTV_CAP_NR_VCPUS = KVM_CAP_NR_VCPUS,
+    RTV_CAP_MAX_VCPUS = KVM_CAP_MAX_VCPUS,
+    RTV_CAP_NR_MEMSLOTS = KVM_CAP_NR_MEMSLOTS,
+    RTV_CAP_TSC_DEADLINE_TIMER = KVM_CAP_TSC_DEADLINE_TIMER,
+    RTV_CAP_GET_TSC_KHZ = KVM_CAP_GET_TSC_KHZ,
+};
+
+static inline int rtv_kvm_get_tsc_khz(int vcpufd) { return ioctl(vcpufd, KVM_GET_TSC_KHZ, 0); }
+
+// MARK: Exit decoding
+
+/// A flat copy of the exit-specific part of `struct kvm_run`, taken right after KVM_RUN.
+struct rtv_exit_info {
+    uint32_t reason;
+    // KVM_EXIT_IO
+    uint8_t io_direction;
+    uint8_t io_size;
+    uint16_t io_port;
+    uint32_t io_count;
+    uint64_t io_data;        // first element, little-endian, zero-extended
+    // KVM_EXIT_MMIO
+    uint64_t mmio_address;
+    uint64_t mmio_data;      // little-endian, zero-extended
+    uint32_t mmio_length;
+    uint8_t mmio_is_write;
+    // KVM_EXIT_FAIL_ENTRY
+    uint64_t fail_reason;
+    uint32_t fail_cpu;
+    // KVM_EXIT_INTERNAL_ERROR
+    uint32_t internal_suberror;
+    // KVM_EXIT_SYSTEM_EVENT
+    uint32_t system_event_type;
+};
+
+/// Copies the exit information out of the shared `kvm_run` page once.
+/// `run_size` bounds the I/O data offset, which the kernel writes but we do not trust blindly.
+void rtv_exit_decode(const struct kvm_run *run, size_t run_size, struct rtv_exit_info *out);
+
+/// Stores the reply to a port-in exit (first element) into the `kvm_run` data area.
+/// Returns 0, or -1 when the current exit is not a port-in or the offset is out of range.
+int rtv_exit_complete_io_in(struct kvm_run *run, size_t run_size, uint64_t value);
+
+/// Stores the reply to an MMIO-read exit. Returns 0, or -1 when the exit is not an MMIO read.
+int rtv_exit_complete_mmio_read(struct kvm_run *run, uint64_t value);
+
+// MARK: Kick
+
+/// Installs an empty handler for `signo` without SA_RESTART, so that the signal makes a
+/// blocked KVM_RUN return EINTR instead of killing the process. Idempotent. Returns 0 or errno.
+/// The kicker sets `immediate_exit` before it signals, so the handler has nothing to do.
+int rtv_kick_install_handler(int signo);
+
+/// Sets `immediate_exit` (sequentially consistent store).
+void rtv_run_set_immediate_exit(struct kvm_run *run, uint8_t value);
+
+/// Sends `signo` to `thread`. Returns 0 or an errno value.
+int rtv_kick_thread(pthread_t thread, int signo);
+
+/// The signal RTVirt uses for kicks by default: SIGRTMIN + 3.
+int rtv_kick_default_signal(void);
+
+#endif

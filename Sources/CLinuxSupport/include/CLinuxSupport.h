@@ -1,0 +1,26 @@
+// Internal C shim: Linux calls that Swift cannot import directly (variadic prctl, gettid,
+// sched_setattr), plus the TSC.
+#ifndef RTVIRT_CLINUXSUPPORT_H
+#define RTVIRT_CLINUXSUPPORT_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+/// The kernel thread id of the calling thread.
+pid_t rtv_gettid(void);
+/// prctl(PR_SET_TIMERSLACK, ns). Returns 0 or an errno value.
+int rtv_set_timer_slack(unsigned long nanoseconds);
+/// prctl(PR_GET_TIMERSLACK). Returns the slack in nanoseconds, or -errno.
+long rtv_get_timer_slack(void);
+/// prctl(PR_SET_NAME) on the calling thread (at most 15 bytes are kept). Returns 0 or errno.
+int rtv_set_thread_name(const char *name);
+/// Reads the time-stamp counter.
+static inline uint64_t rtv_rdtsc(void) {
+    uint32_t lo, hi;
+    __asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+/// A pause instruction for spin loops.
+static inline void rtv_cpu_relax(void) { __asm__ __volatile__("pause" ::: "memory"); }
+
+#endif

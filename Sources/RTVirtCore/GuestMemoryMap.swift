@@ -1,0 +1,108 @@
+import Synchronization
+
+/// One contiguous region of guest-physical memory backed by host memory.
+public struct GuestMemoryRegion: Sendable {
+    /// Guest-physical start address.
+    public let base: GuestAddress
+    /// The host memory behind it.
+    public let mapping: AnonymousMemoryMapping
+    /// Size in bytes.
+    public var size: UInt64 { mapping.size }
+    /// Guest-physical address one past the end.
+    public var end: UInt64 { base.rawValue + size }
+
+    /// Whether `[address, address + length)` lies inside this region.
+    func contains(_ address: GuestAddress, length: UInt64) -> Bool {
+        guard address.rawValue >= base.rawValue else { return false }
+        let offset = address.rawValue - base.rawValue
+        return offset <= size && length <= size - offset
+    }
+}
+
+/// Guest memory made of non-overlapping, page-aligned regions of anonymous host memory.
+///
+/// Regions are added while the VM is set up and never removed, so the region list only
+/// grows; lookups read a snapshot under a lock that is never held across guest-visible work.
+public final class GuestMemoryMap: GuestMemory {
+    private let regionList = Mutex<[GuestMemoryRegion]>([])
+
+    /// An empty map.
+    public init() {}
+
+    /// The regions, ordered by base address.
+    public var regions: [GuestMemoryRegion] { regionList.withLock { $0 } }
+
+    /// Total bytes of guest memory.
+    public var totalSize: UInt64 { regions.reduce(0) { $0 + $1.size } }
+
+    /// Maps `size` bytes of anonymous host memory at guest address `base`.
+    /// - Throws: `MemoryLayoutError` when unaligned, empty, overflowing or overlapping.
+    @discardableResult
+    public func addRegion(at base: GuestAddress, size: UInt64) throws(MemoryLayoutError) -> GuestMemoryRegion {
+        try Self.validate(base: base, size: size, against: regions)
+        let region = GuestMemoryRegion(base: base, mapping: try AnonymousMemoryMapping(size: size))
+        try regionList.withLock { (list) throws(MemoryLayoutError) in
+            try Self.validate(base: base, size: size, against: list) // another thread may have added one
+            list.append(region)
+            list.sort { $0.base < $1.base }
+        }
+        return region
+    }
+
+    /// Checks a proposed region against the page size and the existing regions.
+    public static func validate(base: GuestAddress, size: UInt64, against existing: [GuestMemoryRegion]) throws(MemoryLayoutError) {
+        guard size > 0 else { throw .emptyRegion }
+        guard base.isAligned(to: hostPageSize) else {
+            throw .unaligned(what: "guest address", value: base.rawValue, pageSize: hostPageSize)
+        }
+        guard size % hostPageSize == 0 else { throw .unaligned(what: "size", value: size, pageSize: hostPageSize) }
+        guard let end = base.checkedAdding(size) else { throw .addressOverflow(base: base, size: size) }
+        for region in existing where base.rawValue < region.end && region.base.rawValue < end.rawValue {
+            throw .overlapping(base: base, size: size, existingBase: region.base, existingSize: region.size)
+        }
+    }
+
+    /// The region containing the whole range, or `nil`.
+    public func region(containing address: GuestAddress, length: UInt64) -> GuestMemoryRegion? {
+        regionList.withLock { list in list.first { $0.contains(address, length: length) } }
+    }
+
+    public func withHostPointer<R>(
+        at address: GuestAddress, length: UInt64,
+        _ body: (UnsafeMutableRawPointer) throws -> R
+    ) throws -> R {
+        guard let region = region(containing: address, length: length) else {
+            throw GuestMemoryError.outOfBounds(address: address, length: length)
+        }
+        // The region's mapping lives as long as `region`, which this frame holds.
+        return try withExtendedLifetime(region) {
+            try body(region.mapping.pointer + Int(address.rawValue - region.base.rawValue))
+        }
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at address: GuestAddress) throws(GuestMemoryError) {
+        let length = UInt64(buffer.count)
+        guard let region = region(containing: address, length: length) else {
+            throw .outOfBounds(address: address, length: length)
+        }
+        guard let destination = buffer.baseAddress else { return }
+        // Sound: the range was checked to lie inside the region's mapping, kept alive here.
+        withExtendedLifetime(region) {
+            destination.copyMemory(
+                from: region.mapping.pointer + Int(address.rawValue - region.base.rawValue), byteCount: buffer.count)
+        }
+    }
+
+    public func write(_ bytes: UnsafeRawBufferPointer, at address: GuestAddress) throws(GuestMemoryError) {
+        let length = UInt64(bytes.count)
+        guard let region = region(containing: address, length: length) else {
+            throw .outOfBounds(address: address, length: length)
+        }
+        guard let source = bytes.baseAddress else { return }
+        // Sound: the range was checked to lie inside the region's mapping, kept alive here.
+        withExtendedLifetime(region) {
+            (region.mapping.pointer + Int(address.rawValue - region.base.rawValue))
+                .copyMemory(from: source, byteCount: bytes.count)
+        }
+    }
+}

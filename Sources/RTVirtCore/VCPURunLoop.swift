@@ -1,0 +1,113 @@
+import Synchronization
+
+/// Why a vCPU's run loop ended.
+public enum VCPUStopReason: Equatable, Sendable {
+    /// A device asked to stop, with the guest's status (for example the guest's exit port).
+    case guestRequested(status: UInt64)
+    /// The guest halted with no interrupt controller to wake it.
+    case halted
+    /// The guest shut down (for example a triple fault).
+    case shutdown
+    /// `requestStop()` was called.
+    case stopRequested
+    /// An exit the run loop cannot continue from (failed entry, internal error, unsupported).
+    case fatalExit(VCPUExit)
+    /// A hypervisor call failed; the message says which and why.
+    case hypervisorError(String)
+}
+
+/// Counters of one run loop, readable from any thread.
+public final class VCPURunStatistics: Sendable {
+    /// Exits returned by `run()`.
+    public let exits = Atomic<UInt64>(0)
+    /// Port-I/O and MMIO accesses no device claimed.
+    public let unclaimedAccesses = Atomic<UInt64>(0)
+    /// Kicks seen (`.interrupted` exits).
+    public let interruptions = Atomic<UInt64>(0)
+    /// Zeroed counters.
+    public init() {}
+}
+
+/// Runs one vCPU on the calling thread: enters the guest, routes its port-I/O and MMIO exits
+/// to the bus, answers reads, and returns when the guest or the host stops it.
+///
+/// `requestStop()` is safe from any thread and takes effect even when the guest never exits
+/// by itself: it kicks the vCPU out of the guest.
+public final class VCPURunLoop: Sendable {
+    /// The vCPU this loop runs.
+    public let vcpu: any VirtualCPU
+    /// The devices the guest can reach.
+    public let bus: IOBus
+    /// Counters.
+    public let statistics = VCPURunStatistics()
+    private let stopRequested = Atomic<Bool>(false)
+
+    /// A run loop for `vcpu` over `bus`.
+    public init(vcpu: any VirtualCPU, bus: IOBus) {
+        self.vcpu = vcpu
+        self.bus = bus
+    }
+
+    /// Asks the loop to stop, kicking the vCPU out of the guest. Safe from any thread.
+    public func requestStop() {
+        stopRequested.store(true, ordering: .sequentiallyConsistent)
+        vcpu.kick()
+    }
+
+    /// Whether `requestStop()` has been called.
+    public var isStopRequested: Bool { stopRequested.load(ordering: .sequentiallyConsistent) }
+
+    /// Runs until the guest stops or `requestStop()` is called. Call on the vCPU's thread.
+    public func run() -> VCPUStopReason {
+        let id = vcpu.id
+        while !stopRequested.load(ordering: .sequentiallyConsistent) {
+            let exit: VCPUExit
+            do { exit = try vcpu.run() } catch { return .hypervisorError("\(error)") }
+            statistics.exits.wrappingAdd(1, ordering: .relaxed)
+            do {
+                switch exit {
+                case let .portOut(port, size, data):
+                    if let stop = handleWrite(.port, UInt64(port), size, data, id) { return stop }
+                case let .portIn(port, size):
+                    try vcpu.completePortIn(handleRead(.port, UInt64(port), size, id))
+                case let .mmioWrite(address, size, data):
+                    if let stop = handleWrite(.mmio, address.rawValue, size, data, id) { return stop }
+                case let .mmioRead(address, size):
+                    try vcpu.completeMMIORead(handleRead(.mmio, address.rawValue, size, id))
+                case .interrupted:
+                    statistics.interruptions.wrappingAdd(1, ordering: .relaxed)
+                    // Re-arm entry first, then re-check the flag at the loop head: a kick
+                    // that lands between the two is seen by one or the other.
+                    vcpu.acknowledgeKick()
+                case .halt:
+                    return .halted
+                case .shutdown:
+                    return .shutdown
+                case .systemEvent, .failedEntry, .internalError, .unsupported:
+                    return .fatalExit(exit)
+                }
+            } catch {
+                return .hypervisorError("\(error)")
+            }
+        }
+        return .stopRequested
+    }
+
+    private func handleRead(_ space: AddressSpace, _ address: UInt64, _ size: Int, _ id: Int) -> UInt64 {
+        if let value = bus.read(space: space, address: address, size: size, vcpuID: id) {
+            return value.truncated(toBytes: size)
+        }
+        statistics.unclaimedAccesses.wrappingAdd(1, ordering: .relaxed)
+        return UInt64.max.truncated(toBytes: size) // an empty bus reads all ones
+    }
+
+    private func handleWrite(_ space: AddressSpace, _ address: UInt64, _ size: Int, _ data: UInt64, _ id: Int) -> VCPUStopReason? {
+        switch bus.write(space: space, address: address, size: size, value: data.truncated(toBytes: size), vcpuID: id) {
+        case .stopVCPU(let status)?: return .guestRequested(status: status)
+        case .handled?: return nil
+        case nil:
+            statistics.unclaimedAccesses.wrappingAdd(1, ordering: .relaxed)
+            return nil
+        }
+    }
+}

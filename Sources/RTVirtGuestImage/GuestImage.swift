@@ -1,0 +1,55 @@
+import RTVirtCore
+
+/// The bundled bare guest: a flat x86-64 image built from `Guest/` at build time.
+///
+/// Load it at `GuestLayout.imageAddress` and enter it there in 64-bit mode with
+/// RDI = a `BundledGuestMode`, RSI/RDX = the mode's arguments and RSP = the vCPU's stack.
+public enum BundledGuest {
+    /// The image bytes.
+    public static var image: [UInt8] { bundledGuestImageBytes }
+}
+
+/// The modes of the bundled guest (`Guest/layout.h`).
+public enum BundledGuestMode: UInt64, Sendable, CaseIterable {
+    /// Runs RSI iterations of an LCG from seed RDX; reports the low then high 32 bits on the
+    /// result port; exits with status 0. `BundledGuestMode.expectedComputeResult` gives the value.
+    case compute = 1
+    /// Reads 1, 2 and 4 bytes from the input port and echoes each on the result port, then
+    /// exits with the last value as status.
+    case portIn = 2
+    /// MMIO reads and writes of 1, 2, 4 and 8 bytes at `GuestLayout.mmioTestAddress`.
+    case mmio = 3
+    /// Loops forever.
+    case spin = 4
+    /// Executes `hlt` (needs CPL 0).
+    case halt = 5
+
+    /// The value `compute` reports for `iterations` from `seed`.
+    public static func expectedComputeResult(iterations: UInt64, seed: UInt64) -> UInt64 {
+        var x = seed
+        for _ in 0..<iterations { x = x &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407 }
+        return x
+    }
+}
+
+/// The bundled guest's memory layout and ports (`Guest/layout.h`).
+public enum GuestLayout {
+    public static let gdtAddress = GuestAddress(0x1000)
+    public static let tssAddress = GuestAddress(0x1100)
+    public static let idtAddress = GuestAddress(0x2000)
+    public static let pageTableAddress = GuestAddress(0x3000)
+    public static let kernelStackTop: UInt64 = 0xF000
+    public static let imageAddress = GuestAddress(0x10000)
+    public static let stackTop: UInt64 = 0x20_0000
+    public static let stackSize: UInt64 = 0x1_0000
+    public static let dataAddress = GuestAddress(0x20_0000)
+    public static let mmioTestAddress = GuestAddress(0xD000_0000)
+    public static let resultPort: UInt16 = 0x510
+    public static let exitPort: UInt16 = 0x511
+    public static let inputPort: UInt16 = 0x512
+    /// The status the guest exits with for an unknown mode.
+    public static let badModeStatus: UInt64 = 0xBAD0
+
+    /// The initial stack pointer of vCPU `id`.
+    public static func stackPointer(forVCPU id: Int) -> UInt64 { stackTop - UInt64(id) * stackSize }
+}

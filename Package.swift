@@ -65,7 +65,7 @@ let package = Package(
         ),
         .target(
             name: "RTVirtGuestImage",
-            dependencies: ["RTVirtCore"],
+            dependencies: ["RTVirtCore", "KVMBackend"],
             plugins: ["GuestImageBuilder"]
         ),
 

@@ -5,9 +5,9 @@
 
 /* Guest-physical memory (identity-mapped, so also guest-virtual). */
 #define GUEST_GDT_ADDRESS        0x1000
-#define GUEST_TSS_ADDRESS        0x1100
 #define GUEST_IDT_ADDRESS        0x2000
 #define GUEST_PAGE_TABLE_ADDRESS 0x3000   /* PML4, then PDPT, then 4 page directories */
+#define GUEST_TSS_ADDRESS        0xA000   /* 104 bytes + an all-open I/O permission bitmap */
 #define GUEST_KERNEL_STACK_TOP   0xF000   /* RSP0 for interrupts taken at CPL 3 */
 #define GUEST_IMAGE_ADDRESS      0x10000  /* the image is loaded and entered here */
 #define GUEST_STACK_TOP          0x200000 /* vCPU n uses GUEST_STACK_TOP - n * GUEST_STACK_SIZE */

@@ -2,6 +2,12 @@ import Synchronization
 
 /// One contiguous region of guest-physical memory backed by host memory.
 public struct GuestMemoryRegion: Sendable {
+    /// A region at `base` backed by `mapping`.
+    public init(base: GuestAddress, mapping: AnonymousMemoryMapping) {
+        self.base = base
+        self.mapping = mapping
+    }
+
     /// Guest-physical start address.
     public let base: GuestAddress
     /// The host memory behind it.
@@ -41,12 +47,18 @@ public final class GuestMemoryMap: GuestMemory {
     public func addRegion(at base: GuestAddress, size: UInt64) throws(MemoryLayoutError) -> GuestMemoryRegion {
         try Self.validate(base: base, size: size, against: regions)
         let region = GuestMemoryRegion(base: base, mapping: try AnonymousMemoryMapping(size: size))
+        try insert(region)
+        return region
+    }
+
+    /// Adds an already mapped region (for a hypervisor that registers the mapping first).
+    /// - Throws: `MemoryLayoutError.overlapping` when it overlaps a region already present.
+    public func insert(_ region: GuestMemoryRegion) throws(MemoryLayoutError) {
         try regionList.withLock { (list) throws(MemoryLayoutError) in
-            try Self.validate(base: base, size: size, against: list) // another thread may have added one
+            try Self.validate(base: region.base, size: region.size, against: list)
             list.append(region)
             list.sort { $0.base < $1.base }
         }
-        return region
     }
 
     /// Checks a proposed region against the page size and the existing regions.

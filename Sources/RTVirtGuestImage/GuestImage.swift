@@ -35,7 +35,7 @@ public enum BundledGuestMode: UInt64, Sendable, CaseIterable {
 /// The bundled guest's memory layout and ports (`Guest/layout.h`).
 public enum GuestLayout {
     public static let gdtAddress = GuestAddress(0x1000)
-    public static let tssAddress = GuestAddress(0x1100)
+    public static let tssAddress = GuestAddress(0xA000)
     public static let idtAddress = GuestAddress(0x2000)
     public static let pageTableAddress = GuestAddress(0x3000)
     public static let kernelStackTop: UInt64 = 0xF000

@@ -1,0 +1,212 @@
+import CKVMShim
+import CLinuxSupport
+import Glibc
+import RTVirtCore
+import SystemPackage
+import Synchronization
+
+/// A KVM vCPU: owns the vCPU file descriptor and its mapped `kvm_run` area.
+///
+/// `run()` is called by one thread at a time; `kick()` from any thread. While `run()` is
+/// inside `KVM_RUN` the vCPU remembers the running thread, so that a kick can signal it;
+/// outside, a kick only sets `immediate_exit`, which makes the next `run()` return
+/// `.interrupted` without entering the guest.
+public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
+    // @unchecked: `runArea` points at kernel-shared memory. Only the thread inside `run()`
+    // touches the exit fields; `immediate_exit` is written with atomic stores from the C shim.
+
+    public let id: Int
+    /// The VM this vCPU belongs to (kept alive by the vCPU).
+    public let vm: KVMVirtualMachine
+    let descriptor: OwnedDescriptor
+    private let runArea: UnsafeMutablePointer<kvm_run>
+    private let runAreaSize: Int
+    private let runningThread = Mutex<pthread_t?>(nil)
+
+    init(vm: KVMVirtualMachine, id: Int) throws(KVMError) {
+        self.vm = vm
+        self.id = id
+        let fd = try checkedIoctl("KVM_CREATE_VCPU") { rtv_kvm_create_vcpu(vm.descriptor.rawValue, UInt(id)) }
+        descriptor = OwnedDescriptor(fd)
+        runAreaSize = vm.system.vcpuRunAreaSize
+        let mapped = mmap(nil, runAreaSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        guard let mapped, mapped != MAP_FAILED else { throw .runAreaMappingFailed(errno: Errno(rawValue: errno)) }
+        // Sound: KVM maps a `struct kvm_run` at offset 0 of the vCPU descriptor.
+        runArea = mapped.assumingMemoryBound(to: kvm_run.self)
+    }
+
+    deinit {
+        munmap(runArea, runAreaSize)
+    }
+
+    // MARK: Running
+
+    public func run() throws -> VCPUExit { try runOnce() }
+
+    /// Enters the guest until the next exit (`KVM_RUN`) and decodes the exit.
+    public func runOnce() throws(KVMError) -> VCPUExit {
+        let thread = pthread_self()
+        runningThread.withLock { $0 = thread }
+        let result = rtv_kvm_run(descriptor.rawValue)
+        let code = errno
+        runningThread.withLock { $0 = nil }
+        if result < 0 {
+            if code == EINTR { return .interrupted }
+            throw .ioctlFailed(operation: "KVM_RUN", errno: Errno(rawValue: code))
+        }
+        var info = rtv_exit_info()
+        rtv_exit_decode(runArea, runAreaSize, &info)
+        return Self.exit(from: info)
+    }
+
+    static func exit(from info: rtv_exit_info) -> VCPUExit {
+        switch Int32(info.reason) {
+        case KVM_EXIT_IO:
+            let size = Int(info.io_size)
+            guard size == 1 || size == 2 || size == 4 else {
+                return .unsupported(reason: info.reason, detail: "port I/O of size \(size)")
+            }
+            guard info.io_count == 1 else {
+                return .unsupported(reason: info.reason, detail: "string port I/O (count \(info.io_count)) at port 0x\(String(info.io_port, radix: 16))")
+            }
+            if Int32(info.io_direction) == KVM_EXIT_IO_OUT {
+                return .portOut(port: info.io_port, size: size, data: info.io_data)
+            }
+            return .portIn(port: info.io_port, size: size)
+        case KVM_EXIT_MMIO:
+            let size = Int(info.mmio_length)
+            guard (1...8).contains(size) else {
+                return .unsupported(reason: info.reason, detail: "MMIO access of length \(size)")
+            }
+            let address = GuestAddress(info.mmio_address)
+            return info.mmio_is_write != 0 ? .mmioWrite(address: address, size: size, data: info.mmio_data)
+                                           : .mmioRead(address: address, size: size)
+        case KVM_EXIT_HLT: return .halt
+        case KVM_EXIT_SHUTDOWN: return .shutdown
+        case KVM_EXIT_INTR: return .interrupted
+        case KVM_EXIT_FAIL_ENTRY: return .failedEntry(hardwareReason: info.fail_reason, cpu: info.fail_cpu)
+        case KVM_EXIT_INTERNAL_ERROR: return .internalError(suberror: info.internal_suberror)
+        case KVM_EXIT_SYSTEM_EVENT: return .systemEvent(type: info.system_event_type)
+        default: return .unsupported(reason: info.reason, detail: "exit reason \(info.reason)")
+        }
+    }
+
+    public func completePortIn(_ value: UInt64) throws {
+        guard rtv_exit_complete_io_in(runArea, runAreaSize, value) == 0 else { throw KVMError.noPendingRead("port-in") }
+    }
+
+    public func completeMMIORead(_ value: UInt64) throws {
+        guard rtv_exit_complete_mmio_read(runArea, value) == 0 else { throw KVMError.noPendingRead("MMIO-read") }
+    }
+
+    public func kick() {
+        runningThread.withLock { thread in
+            // Order matters: immediate_exit first covers a thread about to enter KVM_RUN;
+            // the signal covers one already inside. The lock keeps the thread alive while
+            // it is signalled (it clears `runningThread` under the same lock after KVM_RUN).
+            rtv_run_set_immediate_exit(runArea, 1)
+            if let thread { _ = rtv_kick_thread(thread, KickSignal.number) }
+        }
+    }
+
+    public func acknowledgeKick() { rtv_run_set_immediate_exit(runArea, 0) }
+
+    // MARK: State
+
+    public func registers() throws -> X86Registers {
+        var regs = kvm_regs()
+        _ = try checkedIoctl("KVM_GET_REGS") { rtv_kvm_get_regs(descriptor.rawValue, &regs) }
+        return X86Registers(regs)
+    }
+
+    public func setRegisters(_ registers: X86Registers) throws {
+        var regs = registers.kernelRegisters
+        _ = try checkedIoctl("KVM_SET_REGS") { rtv_kvm_set_regs(descriptor.rawValue, &regs) }
+    }
+
+    public func systemRegisters() throws -> X86SystemRegisters {
+        var sregs = kvm_sregs()
+        _ = try checkedIoctl("KVM_GET_SREGS") { rtv_kvm_get_sregs(descriptor.rawValue, &sregs) }
+        return X86SystemRegisters(sregs)
+    }
+
+    public func setSystemRegisters(_ registers: X86SystemRegisters) throws {
+        var sregs = kvm_sregs()
+        // Start from the current state so fields this type does not model (the pending
+        // interrupt bitmap) are kept.
+        _ = try checkedIoctl("KVM_GET_SREGS") { rtv_kvm_get_sregs(descriptor.rawValue, &sregs) }
+        registers.apply(to: &sregs)
+        _ = try checkedIoctl("KVM_SET_SREGS") { rtv_kvm_set_sregs(descriptor.rawValue, &sregs) }
+    }
+
+    public func readMSRs(_ indices: [UInt32]) throws -> [X86MSR] {
+        try withMSRBuffer(indices.map { X86MSR(index: $0, value: 0) }) { (buffer) throws(KVMError) in
+            let read = try checkedIoctl("KVM_GET_MSRS") { rtv_kvm_get_msrs(descriptor.rawValue, buffer) }
+            guard Int(read) == indices.count else {
+                throw .ioctlFailed(operation: "KVM_GET_MSRS (read \(read) of \(indices.count))", errno: .invalidArgument)
+            }
+        }
+    }
+
+    public func writeMSRs(_ msrs: [X86MSR]) throws {
+        _ = try withMSRBuffer(msrs) { (buffer) throws(KVMError) in
+            let written = try checkedIoctl("KVM_SET_MSRS") { rtv_kvm_set_msrs(descriptor.rawValue, buffer) }
+            guard Int(written) == msrs.count else {
+                throw .ioctlFailed(operation: "KVM_SET_MSRS (wrote \(written) of \(msrs.count))", errno: .invalidArgument)
+            }
+        }
+    }
+
+    /// Builds a `struct kvm_msrs` with `msrs`, calls `body`, and returns the entries after it.
+    private func withMSRBuffer(
+        _ msrs: [X86MSR], _ body: (UnsafeMutablePointer<kvm_msrs>) throws(KVMError) -> Void
+    ) throws(KVMError) -> [X86MSR] {
+        let byteCount = MemoryLayout<kvm_msrs>.size + msrs.count * MemoryLayout<kvm_msr_entry>.stride
+        let raw = UnsafeMutableRawPointer.allocate(byteCount: byteCount, alignment: 8)
+        defer { raw.deallocate() }
+        raw.initializeMemory(as: UInt8.self, repeating: 0, count: byteCount)
+        let header = raw.assumingMemoryBound(to: kvm_msrs.self)
+        header.pointee.nmsrs = UInt32(msrs.count)
+        // Sound: the entries follow the header inside the allocation sized for them above.
+        let entries = UnsafeMutableBufferPointer(
+            start: (raw + MemoryLayout<kvm_msrs>.size).assumingMemoryBound(to: kvm_msr_entry.self), count: msrs.count)
+        for (slot, msr) in zip(entries.indices, msrs) {
+            entries[slot].index = msr.index
+            entries[slot].data = msr.value
+        }
+        try body(header)
+        return entries.map { X86MSR(index: $0.index, value: $0.data) }
+    }
+
+    /// Sets the CPUID leaves the guest sees (`KVM_SET_CPUID2`), typically from
+    /// `KVMSystem.supportedCPUID()`.
+    public func setCPUID(_ entries: [CPUIDEntry]) throws(KVMError) {
+        let byteCount = MemoryLayout<kvm_cpuid2>.size + entries.count * MemoryLayout<kvm_cpuid_entry2>.stride
+        let raw = UnsafeMutableRawPointer.allocate(byteCount: byteCount, alignment: 8)
+        defer { raw.deallocate() }
+        raw.initializeMemory(as: UInt8.self, repeating: 0, count: byteCount)
+        let header = raw.assumingMemoryBound(to: kvm_cpuid2.self)
+        header.pointee.nent = UInt32(entries.count)
+        // Sound: the entries follow the header inside the allocation sized for them above.
+        let slots = (raw + MemoryLayout<kvm_cpuid2>.size).assumingMemoryBound(to: kvm_cpuid_entry2.self)
+        for (index, entry) in entries.enumerated() { slots[index] = entry.kernelEntry }
+        _ = try checkedIoctl("KVM_SET_CPUID2") { rtv_kvm_set_cpuid2(descriptor.rawValue, header) }
+    }
+
+    /// The guest TSC frequency in kHz (`KVM_GET_TSC_KHZ`), or nil when unsupported.
+    public func tscFrequencyKHz() -> UInt64? {
+        guard vm.system.hasCapability(.getTSCKHz) else { return nil }
+        let khz = rtv_kvm_get_tsc_khz(descriptor.rawValue)
+        return khz > 0 ? UInt64(khz) : nil
+    }
+
+    /// Guest TSC minus host TSC, in cycles: `IA32_TSC` read through `KVM_GET_MSRS` against
+    /// host `rdtsc` readings taken just before and after.
+    public func guestTSCOffset() throws -> Int64 {
+        let before = rtv_rdtsc()
+        let guest = try readMSRs([X86MSR.timeStampCounter])[0].value
+        let after = rtv_rdtsc()
+        let host = before &+ (after &- before) / 2
+        return Int64(bitPattern: guest &- host)
+    }
+}

@@ -1,0 +1,109 @@
+import CKVMShim
+import Glibc
+import RTVirtCore
+import Synchronization
+
+/// A KVM virtual machine: owns the VM file descriptor and the guest memory registered with it.
+///
+/// Memory regions become KVM memory slots, numbered from 0 in the order they are added.
+/// vCPUs keep their VM alive; the VM's descriptor and memory are released when the last
+/// reference goes.
+public final class KVMVirtualMachine: VirtualMachine {
+    /// The KVM system this VM was created from.
+    public let system: KVMSystem
+    let descriptor: OwnedDescriptor
+    /// The guest's memory, with bounds-checked access.
+    public let guestMemory = GuestMemoryMap()
+    public var memory: any GuestMemory { guestMemory }
+    public let maximumVCPUCount: Int
+    /// How many memory slots this VM may use.
+    public let memorySlotLimit: Int
+
+    private struct Bookkeeping {
+        var nextSlot: UInt32 = 0
+        var createdVCPUs: Set<Int> = []
+        var hasInterruptController = false
+    }
+    private let bookkeeping = Mutex(Bookkeeping())
+
+    /// The guest-physical address KVM may use for the real-mode TSS on Intel (3 pages below 4 GiB).
+    public static let tssAddress: UInt = 0xfffb_d000
+
+    init(system: KVMSystem) throws(KVMError) {
+        self.system = system
+        let fd = try checkedIoctl("KVM_CREATE_VM") { rtv_kvm_create_vm(system.descriptor.rawValue, 0) }
+        descriptor = OwnedDescriptor(fd)
+        maximumVCPUCount = system.maximumVCPUCount
+        let slots = system.capabilityValue(.memorySlots)
+        memorySlotLimit = slots > 0 ? slots : 32
+        if system.hasCapability(.setTSSAddress) {
+            _ = try checkedIoctl("KVM_SET_TSS_ADDR") { rtv_kvm_set_tss_addr(fd, Self.tssAddress) }
+        }
+    }
+
+    public func addMemory(at base: GuestAddress, size: UInt64) throws { try addKVMMemory(at: base, size: size) }
+
+    /// Maps `size` bytes of anonymous memory and registers it as a KVM memory slot at `base`.
+    /// - Throws: `KVMError.invalidMemoryRegion` for unaligned, empty, overlapping or too many
+    ///   regions (nothing is mapped then); `.ioctlFailed` when the kernel refuses the slot.
+    @discardableResult
+    public func addKVMMemory(at base: GuestAddress, size: UInt64) throws(KVMError) -> GuestMemoryRegion {
+        try bookkeeping.withLock { (book) throws(KVMError) -> GuestMemoryRegion in
+            guard Int(book.nextSlot) < memorySlotLimit else {
+                throw .invalidMemoryRegion(.tooManyRegions(limit: memorySlotLimit))
+            }
+            let region: GuestMemoryRegion
+            do throws(MemoryLayoutError) {
+                try GuestMemoryMap.validate(base: base, size: size, against: guestMemory.regions)
+                region = GuestMemoryRegion(base: base, mapping: try AnonymousMemoryMapping(size: size))
+            } catch {
+                throw .invalidMemoryRegion(error)
+            }
+            var slot = kvm_userspace_memory_region()
+            slot.slot = book.nextSlot
+            slot.flags = 0
+            slot.guest_phys_addr = base.rawValue
+            slot.memory_size = size
+            slot.userspace_addr = UInt64(UInt(bitPattern: region.mapping.pointer))
+            _ = try checkedIoctl("KVM_SET_USER_MEMORY_REGION") {
+                rtv_kvm_set_user_memory_region(descriptor.rawValue, &slot)
+            }
+            do throws(MemoryLayoutError) { try guestMemory.insert(region) } catch { throw .invalidMemoryRegion(error) }
+            book.nextSlot += 1
+            return region
+        }
+    }
+
+    /// Creates the in-kernel interrupt controllers (PIC, IOAPIC, and a LAPIC per vCPU created
+    /// afterwards). Call before creating vCPUs.
+    public func createInterruptController() throws(KVMError) {
+        guard system.hasCapability(.irqchip) else { throw .missingCapability(.irqchip) }
+        _ = try checkedIoctl("KVM_CREATE_IRQCHIP") { rtv_kvm_create_irqchip(descriptor.rawValue) }
+        bookkeeping.withLock { $0.hasInterruptController = true }
+    }
+
+    /// Whether `createInterruptController()` succeeded.
+    public var hasInterruptController: Bool { bookkeeping.withLock { $0.hasInterruptController } }
+
+    /// Creates the in-kernel PIT (ports 0x40-0x43). Needs the interrupt controller first.
+    public func createProgrammableIntervalTimer() throws(KVMError) {
+        guard system.hasCapability(.pit2) else { throw .missingCapability(.pit2) }
+        _ = try checkedIoctl("KVM_CREATE_PIT2") { rtv_kvm_create_pit2(descriptor.rawValue) }
+    }
+
+    public func makeVCPU(id: Int) throws -> any VirtualCPU { try makeKVMVCPU(id: id) }
+
+    /// Creates vCPU `id` and maps its `kvm_run` area.
+    /// - Throws: `KVMError.vcpuIDOutOfRange` for an id outside `0 ..< maximumVCPUCount` or one
+    ///   already created; `.ioctlFailed` when the kernel refuses.
+    public func makeKVMVCPU(id: Int) throws(KVMError) -> KVMVirtualCPU {
+        try bookkeeping.withLock { (book) throws(KVMError) -> KVMVirtualCPU in
+            guard id >= 0, id < maximumVCPUCount, !book.createdVCPUs.contains(id) else {
+                throw .vcpuIDOutOfRange(id: id, limit: maximumVCPUCount)
+            }
+            let vcpu = try KVMVirtualCPU(vm: self, id: id)
+            book.createdVCPUs.insert(id)
+            return vcpu
+        }
+    }
+}

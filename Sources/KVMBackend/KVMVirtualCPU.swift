@@ -19,7 +19,7 @@ public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
     /// The VM this vCPU belongs to (kept alive by the vCPU).
     public let vm: KVMVirtualMachine
     let descriptor: OwnedDescriptor
-    private let runArea: UnsafeMutablePointer<kvm_run>
+    let runArea: UnsafeMutablePointer<kvm_run>
     private let runAreaSize: Int
     private let runningThread = Mutex<pthread_t?>(nil)
 

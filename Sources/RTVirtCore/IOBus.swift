@@ -72,7 +72,8 @@ public struct IOBus: Sendable {
         var base: UInt64
         var length: UInt64
         var device: any BusDevice
-        var end: UInt64 { base + length }
+        /// The last address in the range (inclusive, so a range may end at 2^64 - 1).
+        var last: UInt64 { base + (length - 1) }
     }
 
     private var portEntries: [Entry] = []
@@ -85,13 +86,13 @@ public struct IOBus: Sendable {
     /// - Throws: `BusError` for an empty, overflowing or overlapping range.
     public mutating func register(_ device: any BusDevice, space: AddressSpace, base: UInt64, length: UInt64) throws(BusError) {
         guard length > 0 else { throw .emptyRange(space: space, base: base) }
-        let limit: UInt64 = space == .port ? 0x1_0000 : UInt64.max
-        let (end, overflow) = base.addingReportingOverflow(length)
-        guard !overflow, end <= limit || (space == .mmio && end == 0) else {
+        let highestAddress: UInt64 = space == .port ? 0xFFFF : UInt64.max
+        let (last, overflow) = base.addingReportingOverflow(length - 1)
+        guard !overflow, last <= highestAddress else {
             throw .rangeOverflow(space: space, base: base, length: length)
         }
         let entries = space == .port ? portEntries : mmioEntries
-        for entry in entries where base < entry.end && entry.base < end {
+        for entry in entries where base <= entry.last && entry.base <= last {
             throw .overlapping(space: space, base: base, length: length, existingBase: entry.base, existingLength: entry.length)
         }
         var updated = entries
@@ -104,9 +105,9 @@ public struct IOBus: Sendable {
     public func device(at address: UInt64, space: AddressSpace) -> (device: any BusDevice, base: UInt64)? {
         let entries = space == .port ? portEntries : mmioEntries
         var low = 0, high = entries.count
-        while low < high { // first entry whose end is above `address`
+        while low < high { // first entry whose last address is at or above `address`
             let middle = (low + high) / 2
-            if entries[middle].end <= address { low = middle + 1 } else { high = middle }
+            if entries[middle].last < address { low = middle + 1 } else { high = middle }
         }
         guard low < entries.count, entries[low].base <= address else { return nil }
         return (entries[low].device, entries[low].base)

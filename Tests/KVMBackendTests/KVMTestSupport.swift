@@ -2,16 +2,13 @@ import KVMBackend
 import RTVirtCore
 import XCTest
 
-/// Opens /dev/kvm or skips the test, naming what is missing.
-func openKVMOrSkip(file: StaticString = #filePath, line: UInt = #line) throws -> KVMSystem {
+/// Opens /dev/kvm, or skips the test naming what is missing.
+func openKVMOrSkip() throws -> KVMSystem {
     do {
         return try KVMSystem()
-    } catch let error as KVMError {
-        switch error {
-        case .deviceMissing, .permissionDenied:
-            throw XCTSkip("real-KVM test skipped: /dev/kvm is not available here (\(error))")
-        default:
-            throw error
-        }
+    } catch .deviceMissing(let path) {
+        throw XCTSkip("real-KVM test skipped: \(path) is not present on this machine")
+    } catch .permissionDenied(let path) {
+        throw XCTSkip("real-KVM test skipped: no permission to open \(path) (run as root or join its group)")
     }
 }

@@ -1,0 +1,132 @@
+import RTVirtCore
+import Synchronization
+
+/// A hypervisor that runs no guest: its vCPUs replay scripted exits.
+///
+/// ```swift
+/// let vm = try MockHypervisor().makeMockVirtualMachine(memorySize: 1 << 20)
+/// let cpu = try vm.makeMockVCPU(id: 0, script: [.portOut(port: 0x510, size: 4, data: 7)])
+/// ```
+public final class MockHypervisor: Hypervisor {
+    public var name: String { "mock" }
+
+    /// A mock hypervisor.
+    public init() {}
+
+    public func makeVirtualMachine() throws -> any VirtualMachine { MockVirtualMachine() }
+
+    /// A VM with `memorySize` bytes of anonymous memory at guest address 0 (none when 0).
+    public func makeMockVirtualMachine(memorySize: UInt64 = 0) throws -> MockVirtualMachine {
+        let vm = MockVirtualMachine()
+        if memorySize > 0 { try vm.addMemory(at: GuestAddress(0), size: memorySize) }
+        return vm
+    }
+}
+
+/// A VM whose memory is real anonymous memory and whose vCPUs are `MockVirtualCPU`s.
+public final class MockVirtualMachine: VirtualMachine {
+    /// The guest memory.
+    public let guestMemory = GuestMemoryMap()
+    public var memory: any GuestMemory { guestMemory }
+    public let maximumVCPUCount = 64
+    private let created = Mutex<Set<Int>>([])
+
+    /// An empty VM.
+    public init() {}
+
+    public func addMemory(at base: GuestAddress, size: UInt64) throws {
+        try guestMemory.addRegion(at: base, size: size)
+    }
+
+    public func makeVCPU(id: Int) throws -> any VirtualCPU { try makeMockVCPU(id: id) }
+
+    /// A vCPU that replays `script`; then it behaves like a guest spinning forever.
+    public func makeMockVCPU(id: Int, script: [VCPUExit] = []) throws -> MockVirtualCPU {
+        let isNew = created.withLock { ids in
+            id >= 0 && id < maximumVCPUCount && ids.insert(id).inserted
+        }
+        guard isNew else { throw MockError.invalidVCPUID(id) }
+        return MockVirtualCPU(id: id, script: script)
+    }
+}
+
+/// Errors from the mock.
+public enum MockError: Error, Equatable, Sendable {
+    /// A vCPU id out of range or used twice.
+    case invalidVCPUID(Int)
+    /// A port-in or MMIO-read reply with no such exit pending.
+    case noPendingRead
+}
+
+/// A vCPU that returns the exits of its script in order. After the script it blocks in
+/// `run()` like a guest that never exits, until kicked. Replies to reads are recorded.
+public final class MockVirtualCPU: VirtualCPU {
+    public let id: Int
+    private struct State {
+        var script: [VCPUExit]
+        var position = 0
+        var kicked = false
+        var pendingRead = false
+        var replies: [UInt64] = []
+        var registers = X86Registers()
+        var systemRegisters = X86SystemRegisters()
+        var msrs: [UInt32: UInt64] = [:]
+        var runCalls = 0
+    }
+    private let state: ConditionLock<State>
+
+    init(id: Int, script: [VCPUExit]) {
+        self.id = id
+        state = ConditionLock(State(script: script))
+    }
+
+    /// Appends exits to the script (wakes a `run()` waiting at the end of it).
+    public func append(_ exits: [VCPUExit]) { state.withLockAndBroadcast { $0.script += exits } }
+
+    /// The values given to `completePortIn`/`completeMMIORead`, in order.
+    public var readReplies: [UInt64] { state.withLock { $0.replies } }
+
+    /// How many times `run()` was called.
+    public var runCount: Int { state.withLock { $0.runCalls } }
+
+    public func run() throws -> VCPUExit {
+        state.wait(until: { $0.kicked || $0.position < $0.script.count }) { state, _ in
+            state.runCalls += 1
+            if state.kicked { return .interrupted }
+            let exit = state.script[state.position]
+            state.position += 1
+            switch exit {
+            case .portIn, .mmioRead: state.pendingRead = true
+            default: state.pendingRead = false
+            }
+            return exit
+        }
+    }
+
+    public func completePortIn(_ value: UInt64) throws { try completeRead(value) }
+    public func completeMMIORead(_ value: UInt64) throws { try completeRead(value) }
+
+    private func completeRead(_ value: UInt64) throws {
+        let hadPendingRead = state.withLock { state -> Bool in
+            guard state.pendingRead else { return false }
+            state.pendingRead = false
+            state.replies.append(value)
+            return true
+        }
+        if !hadPendingRead { throw MockError.noPendingRead }
+    }
+
+    public func kick() { state.withLockAndBroadcast { $0.kicked = true } }
+    public func acknowledgeKick() { state.withLock { $0.kicked = false } }
+
+    public func registers() throws -> X86Registers { state.withLock { $0.registers } }
+    public func setRegisters(_ registers: X86Registers) throws { state.withLock { $0.registers = registers } }
+    public func systemRegisters() throws -> X86SystemRegisters { state.withLock { $0.systemRegisters } }
+    public func setSystemRegisters(_ registers: X86SystemRegisters) throws { state.withLock { $0.systemRegisters = registers } }
+    public func readMSRs(_ indices: [UInt32]) throws -> [X86MSR] {
+        state.withLock { state in indices.map { X86MSR(index: $0, value: state.msrs[$0] ?? 0) } }
+    }
+    public func writeMSRs(_ msrs: [X86MSR]) throws {
+        state.withLock { state in for msr in msrs { state.msrs[msr.index] = msr.value } }
+    }
+}

@@ -1,0 +1,80 @@
+@testable import KVMBackend
+import RTVirtCore
+import RTVirtGuestImage
+import XCTest
+
+/// Counts this process's open file descriptors and memory mappings.
+private func openDescriptorCount() -> Int {
+    (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? -1
+}
+
+private func mappings() -> [Substring] {
+    // /proc files report size 0, so read until EOF rather than trusting the size.
+    let fd = open("/proc/self/maps", O_RDONLY)
+    guard fd >= 0 else { return [] }
+    defer { close(fd) }
+    var bytes: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let count = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if count <= 0 { break }
+        bytes += chunk[0..<count]
+    }
+    return String(decoding: bytes, as: UTF8.self).split(separator: "\n")
+}
+
+/// Whether any mapping contains `address`.
+private func isMapped(_ address: UnsafeMutableRawPointer) -> Bool {
+    let target = UInt(bitPattern: address)
+    return mappings().contains { line in
+        let bounds = line.prefix { $0 != " " }.split(separator: "-").compactMap { UInt($0, radix: 16) }
+        return bounds.count == 2 && bounds[0] <= target && target < bounds[1]
+    }
+}
+
+final class TeardownTests: XCTestCase {
+    func testDroppingAVMReleasesEveryDescriptorAndMapping() throws {
+        let kvm = try openKVMOrSkip()
+        // Warm up once so lazily created process state does not count as a leak.
+        do { _ = try BundledGuestMachine(system: kvm, vcpus: [BundledGuestVCPU(mode: .compute)]) }
+        let descriptorsBefore = openDescriptorCount()
+        let guestRAM: UnsafeMutableRawPointer
+        let runAreas: [UnsafeMutableRawPointer]
+        do {
+            let machine = try BundledGuestMachine(system: kvm, vcpus: [
+                BundledGuestVCPU(mode: .compute, arguments: (10, 1)), BundledGuestVCPU(mode: .compute, arguments: (10, 2)),
+            ])
+            guestRAM = machine.vm.guestMemory.regions[0].mapping.pointer
+            XCTAssertEqual(openDescriptorCount(), descriptorsBefore + 3, "one VM and two vCPU descriptors")
+            runAreas = machine.vcpus.map { UnsafeMutableRawPointer($0.runArea) }
+            XCTAssertTrue(isMapped(guestRAM))
+            for area in runAreas { XCTAssertTrue(isMapped(area)) }
+            let runner = try machine.start()
+            XCTAssertEqual(runner.waitForAll(timeoutNanoseconds: 10_000_000_000), [.guestRequested(status: 0), .guestRequested(status: 0)])
+        }
+        XCTAssertEqual(openDescriptorCount(), descriptorsBefore)
+        for area in runAreas { XCTAssertFalse(isMapped(area), "kvm_run areas must be unmapped") }
+        XCTAssertFalse(isMapped(guestRAM), "guest RAM must be unmapped")
+    }
+
+    func testDroppingKVMSystemClosesItsDescriptor() throws {
+        _ = try openKVMOrSkip()
+        let before = openDescriptorCount()
+        do {
+            let kvm = try KVMSystem()
+            XCTAssertEqual(openDescriptorCount(), before + 1)
+            _ = kvm
+        }
+        XCTAssertEqual(openDescriptorCount(), before)
+    }
+
+    func testVCPUKeepsItsVMAlive() throws {
+        let kvm = try openKVMOrSkip()
+        var vm: KVMVirtualMachine? = try kvm.makeKVMVirtualMachine()
+        let vcpu = try vm!.makeKVMVCPU(id: 0)
+        weak let weakVM = vm
+        vm = nil
+        XCTAssertNotNil(weakVM, "the vCPU holds its VM")
+        _ = vcpu
+    }
+}

@@ -85,7 +85,6 @@ let package = Package(
             name: "KVMBackendTests",
             dependencies: ["KVMBackend", "RTVirtCore", "RTVirtTesting", "RTVirtGuestImage"]
         ),
-        .testTarget(name: "VMRPCTests", dependencies: ["VMRPC", "RTVirtTesting"]),
         .testTarget(name: "CgroupSchedulerTests", dependencies: ["CgroupScheduler"]),
         .testTarget(name: "RTVirtTestingTests", dependencies: ["RTVirtTesting"]),
     ],

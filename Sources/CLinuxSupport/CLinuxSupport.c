@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -20,3 +21,5 @@ long rtv_get_timer_slack(void) {
 int rtv_set_thread_name(const char *name) {
     return prctl(PR_SET_NAME, name, 0, 0, 0) == 0 ? 0 : errno;
 }
+
+int rtv_rlimit_rtprio(void) { return RLIMIT_RTPRIO; }

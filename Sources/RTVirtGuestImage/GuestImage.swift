@@ -24,11 +24,26 @@ public enum BundledGuestMode: UInt64, Sendable, CaseIterable {
     /// Executes `hlt` (needs CPL 0).
     case halt = 5
 
-    /// The value `compute` reports for `iterations` from `seed`.
+    /// The LCG multiplier and increment the `compute` mode uses.
+    public static let lcgMultiplier: UInt64 = 6_364_136_223_846_793_005
+    public static let lcgIncrement: UInt64 = 1_442_695_040_888_963_407
+
+    /// The value `compute` reports for `iterations` from `seed`, in O(log iterations) steps
+    /// (LCG jump-ahead: compose the affine map x → a·x + c with itself by squaring).
     public static func expectedComputeResult(iterations: UInt64, seed: UInt64) -> UInt64 {
-        var x = seed
-        for _ in 0..<iterations { x = x &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407 }
-        return x
+        var (totalMultiplier, totalIncrement): (UInt64, UInt64) = (1, 0)
+        var (stepMultiplier, stepIncrement) = (lcgMultiplier, lcgIncrement)
+        var remaining = iterations
+        while remaining > 0 {
+            if remaining & 1 == 1 {
+                totalMultiplier = totalMultiplier &* stepMultiplier
+                totalIncrement = totalIncrement &* stepMultiplier &+ stepIncrement
+            }
+            stepIncrement = (stepMultiplier &+ 1) &* stepIncrement
+            stepMultiplier = stepMultiplier &* stepMultiplier
+            remaining >>= 1
+        }
+        return totalMultiplier &* seed &+ totalIncrement
     }
 }
 

@@ -94,3 +94,27 @@ final class InvalidInputTests: XCTestCase {
         XCTAssertThrowsError(try machine.vcpus[0].completeMMIORead(1))
     }
 }
+
+final class KVMHostInfoTests: XCTestCase {
+    func testModuleDetectionFromSysfs() throws {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("rtvirt-kvm-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        XCTAssertEqual(KVMHostInfo.detectModule(files: HostFiles(root: root)), .unknown)
+        try FileManager.default.createDirectory(atPath: root + "/sys/module/kvm_pvm", withIntermediateDirectories: true)
+        XCTAssertEqual(KVMHostInfo.detectModule(files: HostFiles(root: root)), .pvm)
+        XCTAssertTrue(KVMModule.pvm.implication.contains("nested"))
+    }
+
+    func testInspectReportsAMissingDevice() {
+        let info = KVMHostInfo.inspect(path: "/nonexistent/kvm")
+        XCTAssertFalse(info.available)
+        XCTAssertEqual(info.error, KVMError.deviceMissing(path: "/nonexistent/kvm").description)
+    }
+
+    func testInspectThisHost() throws {
+        _ = try openKVMOrSkip()
+        let info = KVMHostInfo.inspect()
+        XCTAssertTrue(info.available)
+        XCTAssertEqual(info.capabilities["KVM_CAP_IMMEDIATE_EXIT"].map { $0 > 0 }, true)
+    }
+}

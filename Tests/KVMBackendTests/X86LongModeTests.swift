@@ -115,3 +115,22 @@ final class X86LongModeTests: XCTestCase {
         XCTAssertLessThanOrEqual(GuestLayout.pageTableAddress.rawValue + 6 * 0x1000, GuestLayout.tssAddress.rawValue)
     }
 }
+
+final class BundledGuestTests: XCTestCase {
+    func testJumpAheadMatchesStepByStep() {
+        for seed: UInt64 in [0, 1, 0xDEAD_BEEF] {
+            var x = seed
+            for iterations: UInt64 in 0...300 {
+                XCTAssertEqual(BundledGuestMode.expectedComputeResult(iterations: iterations, seed: seed), x)
+                x = x &* BundledGuestMode.lcgMultiplier &+ BundledGuestMode.lcgIncrement
+            }
+        }
+    }
+
+    func testImageIsBuiltFromSourceAndStartsWithTheModeDispatch() {
+        let image = BundledGuest.image
+        XCTAssertGreaterThan(image.count, 32)
+        XCTAssertLessThan(image.count, 64 * 1024)
+        XCTAssertEqual(Array(image.prefix(4)), [0x48, 0x83, 0xFF, 0x01], "cmp $GUEST_MODE_COMPUTE, %rdi")
+    }
+}

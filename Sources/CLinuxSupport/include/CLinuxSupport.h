@@ -14,6 +14,8 @@ int rtv_set_timer_slack(unsigned long nanoseconds);
 long rtv_get_timer_slack(void);
 /// prctl(PR_SET_NAME) on the calling thread (at most 15 bytes are kept). Returns 0 or errno.
 int rtv_set_thread_name(const char *name);
+/// The RLIMIT_RTPRIO resource number (a macro over an enum that Swift does not import).
+int rtv_rlimit_rtprio(void);
 /// Reads the time-stamp counter.
 static inline uint64_t rtv_rdtsc(void) {
     uint32_t lo, hi;

@@ -1,0 +1,79 @@
+import RTVirtCore
+
+/// Which kernel module backs `/dev/kvm`.
+public enum KVMModule: String, Codable, Sendable {
+    /// Intel VT-x.
+    case intel = "kvm_intel"
+    /// AMD SVM.
+    case amd = "kvm_amd"
+    /// Pagetable-based Virtual Machine: KVM without hardware virtualization, used when the
+    /// host is itself a guest. Guest CPL 3 code runs natively; CPL 0 code is emulated.
+    case pvm = "kvm_pvm"
+    /// No known backend module found.
+    case unknown = "unknown"
+
+    /// What the module means for measurements, in one sentence.
+    public var implication: String {
+        switch self {
+        case .intel, .amd:
+            return "hardware virtualization: exits cost on the order of 1 µs"
+        case .pvm:
+            return "nested (kvm_pvm): guest CPL 3 runs natively, CPL 0 is emulated (~0.7 µs per instruction), "
+                + "and exits cost ~7-20 µs; absolute numbers are higher than on bare-metal KVM"
+        case .unknown:
+            return "the KVM backend module could not be identified"
+        }
+    }
+}
+
+/// The state of KVM on this host: whether `/dev/kvm` opens, which module backs it, the
+/// capabilities RTVirt uses, and the module parameters that affect latency.
+public struct KVMHostInfo: Codable, Equatable, Sendable {
+    /// Whether `/dev/kvm` opened and passed the API and capability checks.
+    public var available: Bool
+    /// Why not, when it did not.
+    public var error: String?
+    /// The backend module.
+    public var module: KVMModule
+    /// Whether guests run nested (the backend is `kvm_pvm`).
+    public var nested: Bool
+    /// `KVM_GET_API_VERSION`.
+    public var apiVersion: Int?
+    /// Capability name → `KVM_CHECK_EXTENSION` value (0 absent).
+    public var capabilities: [String: Int]
+    /// Selected `kvm` module parameters (`halt_poll_ns`, `lapic_timer_advance`, `min_timer_period_us`).
+    public var parameters: [String: String]
+    /// Highest vCPU count per VM.
+    public var maximumVCPUs: Int?
+
+    /// The module backing KVM, from `/sys/module`.
+    public static func detectModule(files: HostFiles = HostFiles()) -> KVMModule {
+        for module in [KVMModule.intel, .amd, .pvm] where files.exists("/sys/module/\(module.rawValue)") {
+            return module
+        }
+        return .unknown
+    }
+
+    /// Inspects the host, opening `/dev/kvm` (at `path`) for the capability checks.
+    public static func inspect(path: String = KVMSystem.defaultPath, files: HostFiles = HostFiles()) -> KVMHostInfo {
+        let module = detectModule(files: files)
+        var parameters: [String: String] = [:]
+        for name in ["halt_poll_ns", "lapic_timer_advance", "min_timer_period_us"] {
+            if let value = files.readLine("/sys/module/kvm/parameters/\(name)") { parameters[name] = value }
+        }
+        var info = KVMHostInfo(available: false, error: nil, module: module, nested: module == .pvm,
+                               apiVersion: nil, capabilities: [:], parameters: parameters, maximumVCPUs: nil)
+        do {
+            let system = try KVMSystem(path: path)
+            info.available = true
+            info.apiVersion = 12
+            for capability in KVMCapability.allCases {
+                info.capabilities[capability.description] = system.capabilityValue(capability)
+            }
+            info.maximumVCPUs = system.maximumVCPUCount
+        } catch {
+            info.error = "\(error)"
+        }
+        return info
+    }
+}

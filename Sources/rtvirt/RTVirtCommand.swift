@@ -1,0 +1,11 @@
+import ArgumentParser
+
+/// The `rtvirt` tool: runs the bundled guest and shows what RTVirt does on this host.
+@main
+struct RTVirtCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rtvirt",
+        abstract: "Real-time behaviour for KVM virtual machines: run the bundled guest, check a host.",
+        subcommands: [RunCommand.self, CheckCommand.self],
+        defaultSubcommand: RunCommand.self)
+}

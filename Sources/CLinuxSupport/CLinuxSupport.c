@@ -2,7 +2,10 @@
 #include "CLinuxSupport.h"
 
 #include <errno.h>
+#include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/prctl.h>
+#include <time.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -23,3 +26,11 @@ int rtv_set_thread_name(const char *name) {
 }
 
 int rtv_rlimit_rtprio(void) { return RLIMIT_RTPRIO; }
+
+int rtv_eventfd(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }
+
+int rtv_ppoll(struct pollfd *fds, unsigned long count, int64_t timeout_ns) {
+    if (timeout_ns < 0) return ppoll(fds, count, NULL, NULL);
+    struct timespec timeout = { .tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000 };
+    return ppoll(fds, count, &timeout, NULL);
+}

@@ -40,17 +40,22 @@ public final class VCPURunLoop: Sendable {
     public let bus: IOBus
     /// Counters.
     public let statistics = VCPURunStatistics()
+    /// Where devices park this vCPU for long polls; a stop cancels such a wait too.
+    public let dispatcher: LongPollDispatcher?
     private let stopRequested = Atomic<Bool>(false)
 
-    /// A run loop for `vcpu` over `bus`.
-    public init(vcpu: any VirtualCPU, bus: IOBus) {
+    /// A run loop for `vcpu` over `bus`, whose long polls (if any) go through `dispatcher`.
+    public init(vcpu: any VirtualCPU, bus: IOBus, dispatcher: LongPollDispatcher? = nil) {
         self.vcpu = vcpu
         self.bus = bus
+        self.dispatcher = dispatcher
     }
 
-    /// Asks the loop to stop, kicking the vCPU out of the guest. Safe from any thread.
+    /// Asks the loop to stop: kicks the vCPU out of the guest, or out of a long poll that a
+    /// device parked it in. Safe from any thread.
     public func requestStop() {
         stopRequested.store(true, ordering: .sequentiallyConsistent)
+        dispatcher?.cancel(vcpu: vcpu.id)
         vcpu.kick()
     }
 

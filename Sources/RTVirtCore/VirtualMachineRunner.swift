@@ -12,12 +12,14 @@ public final class VirtualMachineRunner: Sendable {
     private let results: ConditionLock<[VCPUStopReason?]>
 
     /// Starts one thread per vCPU, named `vcpu<id>`, running a `VCPURunLoop` over `bus`.
-    /// `onThreadStart` runs first on each vCPU thread (for example to apply a real-time policy).
+    /// `onThreadStart` runs first on each vCPU thread (for example to apply a real-time policy);
+    /// `onThreadEnd` runs last on it (for example to restore the thread's policy).
     public init(
-        vcpus: [any VirtualCPU], bus: IOBus,
-        onThreadStart: (@Sendable (any VirtualCPU) -> Void)? = nil
+        vcpus: [any VirtualCPU], bus: IOBus, dispatcher: LongPollDispatcher? = nil,
+        onThreadStart: (@Sendable (any VirtualCPU) -> Void)? = nil,
+        onThreadEnd: (@Sendable (any VirtualCPU) -> Void)? = nil
     ) throws(HostThreadError) {
-        let loops = vcpus.map { VCPURunLoop(vcpu: $0, bus: bus) }
+        let loops = vcpus.map { VCPURunLoop(vcpu: $0, bus: bus, dispatcher: dispatcher) }
         let results = ConditionLock<[VCPUStopReason?]>(Array(repeating: nil, count: vcpus.count))
         var threads: [HostThread] = []
         for (index, loop) in loops.enumerated() {
@@ -25,6 +27,7 @@ public final class VirtualMachineRunner: Sendable {
                 threads.append(try HostThread(name: "vcpu\(loop.vcpu.id)") {
                     onThreadStart?(loop.vcpu)
                     let reason = loop.run()
+                    onThreadEnd?(loop.vcpu)
                     results.withLockAndBroadcast { $0[index] = reason }
                 })
             } catch {

@@ -16,6 +16,11 @@ long rtv_get_timer_slack(void);
 int rtv_set_thread_name(const char *name);
 /// The RLIMIT_RTPRIO resource number (a macro over an enum that Swift does not import).
 int rtv_rlimit_rtprio(void);
+struct pollfd;
+/// A non-blocking, close-on-exec eventfd. Returns the descriptor or -1 (errno set).
+int rtv_eventfd(void);
+/// ppoll(2) with a relative timeout in nanoseconds (negative: no timeout) and no signal mask.
+int rtv_ppoll(struct pollfd *fds, unsigned long count, int64_t timeout_ns);
 /// Reads the time-stamp counter.
 static inline uint64_t rtv_rdtsc(void) {
     uint32_t lo, hi;

@@ -1,0 +1,179 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import SystemPackage
+import Synchronization
+
+/// Blocks a vCPU's thread until the first of its events, without touching other vCPUs.
+///
+/// Each vCPU has its own queue of host messages, cancellation flag and wake-up eventfd, so one
+/// vCPU parked for seconds never delays another. Messages posted while nobody waits stay
+/// queued for the next wait, in order; a cancellation stays in force until `resume(vcpu:)`.
+/// Time comes from an injectable clock and the blocking from an injectable `BlockingWaiter`.
+public final class LongPollDispatcher: Sendable {
+    /// Per-vCPU state.
+    final class Channel: Sendable {
+        struct State {
+            var messages: [HostMessage] = []
+            var cancelled = false
+            var closed = false
+            var waiting = false
+        }
+        let state = Mutex(State())
+        let wake: EventNotifier
+        init() throws(Errno) { wake = try EventNotifier() }
+    }
+
+    private let channels: [Channel]
+    /// The clock deadlines are measured on.
+    public let clock: any MonotonicClock
+    private let waiter: any BlockingWaiter
+    /// Messages a vCPU's queue holds at most.
+    public let queueCapacity: Int
+    /// The longest a single wait may park a vCPU, in nanoseconds.
+    public let maximumParkNanoseconds: UInt64
+    private let timerStrategy: DeadlineTimerStrategy?
+
+    /// A dispatcher for vCPUs `0 ..< vcpuCount`.
+    /// - Parameters:
+    ///   - timerStrategy: how to wait for a deadline precisely (wake early, then spin);
+    ///     nil: block until the deadline and accept the waiter's lateness.
+    public init(vcpuCount: Int, clock: any MonotonicClock = SystemMonotonicClock(),
+                waiter: any BlockingWaiter = PollingWaiter(), queueCapacity: Int = 64,
+                maximumParkNanoseconds: UInt64 = 10_000_000_000,
+                timerStrategy: DeadlineTimerStrategy? = nil) throws(Errno) {
+        var channels: [Channel] = []
+        for _ in 0..<vcpuCount { channels.append(try Channel()) }
+        self.channels = channels
+        self.clock = clock
+        self.waiter = waiter
+        self.queueCapacity = queueCapacity
+        self.maximumParkNanoseconds = maximumParkNanoseconds
+        self.timerStrategy = timerStrategy
+    }
+
+    /// The number of vCPUs.
+    public var vcpuCount: Int { channels.count }
+
+    // MARK: From other threads
+
+    /// Queues `message` for `vcpu` and wakes it if it waits for messages.
+    public func post(_ message: HostMessage, to vcpu: Int) throws(LongPollError) {
+        guard channels.indices.contains(vcpu) else { throw .noSuchVCPU(vcpu) }
+        let channel = channels[vcpu]
+        try channel.state.withLock { (state) throws(LongPollError) in
+            guard !state.closed else { throw .closed(vcpu: vcpu) }
+            guard state.messages.count < queueCapacity else { throw .queueFull(vcpu: vcpu, capacity: queueCapacity) }
+            state.messages.append(message)
+        }
+        channel.wake.signal()
+    }
+
+    /// Ends the current wait of `vcpu` (and every later one until `resume(vcpu:)`) with `.cancelled`.
+    public func cancel(vcpu: Int) {
+        guard channels.indices.contains(vcpu) else { return }
+        channels[vcpu].state.withLock { $0.cancelled = true }
+        channels[vcpu].wake.signal()
+    }
+
+    /// Cancels every vCPU's waits.
+    public func cancelAll() { for vcpu in channels.indices { cancel(vcpu: vcpu) } }
+
+    /// Lets `vcpu` wait again after a cancellation.
+    public func resume(vcpu: Int) {
+        guard channels.indices.contains(vcpu) else { return }
+        channels[vcpu].state.withLock { $0.cancelled = false }
+    }
+
+    /// Stops `vcpu` from taking messages and returns those still queued (for failing them).
+    public func close(vcpu: Int) -> [HostMessage] {
+        guard channels.indices.contains(vcpu) else { return [] }
+        cancel(vcpu: vcpu)
+        return channels[vcpu].state.withLock { state in
+            state.closed = true
+            defer { state.messages.removeAll() }
+            return state.messages
+        }
+    }
+
+    /// Messages queued for `vcpu`.
+    public func queuedMessageCount(vcpu: Int) -> Int {
+        channels.indices.contains(vcpu) ? channels[vcpu].state.withLock { $0.messages.count } : 0
+    }
+
+    /// Whether `vcpu` is inside `wait` now.
+    public func isWaiting(vcpu: Int) -> Bool {
+        channels.indices.contains(vcpu) && channels[vcpu].state.withLock { $0.waiting }
+    }
+
+    // MARK: On the vCPU's thread
+
+    /// Blocks the calling thread (vCPU `vcpu`'s) until the first event of `request`.
+    public func wait(vcpu: Int, for request: LongPollRequest) -> LongPollResult {
+        guard channels.indices.contains(vcpu) else { return .cancelled }
+        let channel = channels[vcpu]
+        channel.state.withLock { $0.waiting = true }
+        let start = clock.nowNanoseconds()
+        defer {
+            channel.state.withLock { $0.waiting = false }
+            if request.deadline != nil { timerStrategy?.recordWait(nanoseconds: clock.nowNanoseconds() &- start) }
+        }
+        let parkLimit = start &+ maximumParkNanoseconds
+        let wakeAt = min(request.deadline ?? UInt64.max, parkLimit)
+        while true {
+            // Consume the wake-up before looking at the state, so a post or cancel that lands
+            // after the look re-signals the eventfd and ends the next block.
+            channel.wake.drain()
+            if let early = takeEarlyResult(channel, request) { return early }
+            let now = clock.nowNanoseconds()
+            if let deadline = request.deadline, now >= deadline, deadline <= parkLimit {
+                return .deadlineReached(lateNanoseconds: now - deadline)
+            }
+            if now >= parkLimit { return .parkLimitReached }
+
+            var blockUntil = wakeAt
+            let precise = timerStrategy != nil && request.deadline == wakeAt
+            if precise, let strategy = timerStrategy, let deadline = request.deadline {
+                blockUntil = strategy.wakeTime(forDeadline: deadline, waitStartedAt: start)
+                if blockUntil <= now {
+                    if let result = spin(until: deadline, channel: channel, request: request) { return result }
+                    continue
+                }
+            }
+            var descriptors = request.descriptors + [PollDescriptor(fd: channel.wake.fd, events: Int16(POLLIN))]
+            waiter.block(descriptors: &descriptors, untilNanoseconds: blockUntil, clock: clock)
+            let ready = descriptors.dropLast().filter { $0.returnedEvents != 0 }
+            if !ready.isEmpty { return .descriptorsReady(Array(ready)) }
+            if precise, descriptors.last?.returnedEvents == 0 {
+                timerStrategy?.recordTimedWake(requested: blockUntil, actual: clock.nowNanoseconds())
+            }
+        }
+    }
+
+    private func takeEarlyResult(_ channel: Channel, _ request: LongPollRequest) -> LongPollResult? {
+        channel.state.withLock { state in
+            if state.cancelled { return .cancelled }
+            if request.acceptsHostMessages, !state.messages.isEmpty { return .hostMessage(state.messages.removeFirst()) }
+            return nil
+        }
+    }
+
+    /// Busy-waits until `deadline`; returns nil early when a wake-up arrives (the caller's
+    /// loop then looks at it), else `.deadlineReached`.
+    private func spin(until deadline: UInt64, channel: Channel, request: LongPollRequest) -> LongPollResult? {
+        let spinStart = clock.nowNanoseconds()
+        defer { timerStrategy?.recordSpin(nanoseconds: clock.nowNanoseconds() &- spinStart) }
+        var iterations = 0
+        var now = spinStart
+        while now < deadline {
+            iterations &+= 1
+            if iterations & 63 == 0, channel.wake.drain() {
+                channel.wake.signal() // leave it for the caller's loop to see
+                return nil
+            }
+            spinLoopHint()
+            now = clock.nowNanoseconds()
+        }
+        return .deadlineReached(lateNanoseconds: now - deadline)
+    }
+}

@@ -22,6 +22,9 @@ let package = Package(
         // MARK: C shims and system libraries (internal)
         .target(name: "CLinuxSupport"),
         .target(name: "CKVMShim"),
+        // The freestanding guest header `rtvirt_vmrpc.h` (used by Guest/) plus host-side
+        // wrappers that let the Swift tests check the C encoding against the test vectors.
+        .target(name: "CVMRPCGuest"),
         .systemLibrary(
             name: "CLibcgroup",
             pkgConfig: "libcgroup",
@@ -85,6 +88,7 @@ let package = Package(
             name: "KVMBackendTests",
             dependencies: ["KVMBackend", "RTVirtCore", "RTVirtTesting", "RTVirtGuestImage"]
         ),
+        .testTarget(name: "VMRPCTests", dependencies: ["VMRPC", "RTVirtTesting", "CVMRPCGuest"]),
         .testTarget(name: "CgroupSchedulerTests", dependencies: ["CgroupScheduler"]),
         .testTarget(name: "RTVirtTestingTests", dependencies: ["RTVirtTesting"]),
     ],

@@ -3,25 +3,7 @@ import RTVirtTesting
 import Synchronization
 import XCTest
 
-/// A waiter that returns at once, moving a manual clock to the time asked for plus a
-/// configurable lateness, and marking the descriptors listed in `readyFDs` as readable.
-final class InstantWaiter: BlockingWaiter {
-    let clock: ManualClock
-    let lateness: UInt64
-    let readyFDs = Mutex<Set<Int32>>([])
-    let blocks = Atomic<Int>(0)
-    init(clock: ManualClock, lateness: UInt64 = 0) { self.clock = clock; self.lateness = lateness }
-    func block(descriptors: inout [PollDescriptor], untilNanoseconds: UInt64?, clock _: any MonotonicClock) {
-        blocks.wrappingAdd(1, ordering: .relaxed)
-        let ready = readyFDs.withLock { $0 }
-        var any = false
-        for index in descriptors.indices where ready.contains(descriptors[index].fd) {
-            descriptors[index].returnedEvents = descriptors[index].events
-            any = true
-        }
-        if !any, let untilNanoseconds { clock.set(to: untilNanoseconds + lateness) }
-    }
-}
+typealias InstantWaiter = ManualClockWaiter
 
 final class LongPollDispatcherTests: XCTestCase {
     func testDeadlineIsReachedOnTheManualClock() throws {
@@ -69,7 +51,7 @@ final class LongPollDispatcherTests: XCTestCase {
         let dispatcher = try LongPollDispatcher(vcpuCount: 1, clock: clock, waiter: waiter, maximumParkNanoseconds: 1_000)
         XCTAssertEqual(dispatcher.wait(vcpu: 0, for: LongPollRequest()), .parkLimitReached)
         XCTAssertEqual(dispatcher.wait(vcpu: 0, for: LongPollRequest(deadline: clock.nowNanoseconds() + 5_000)), .parkLimitReached)
-        waiter.readyFDs.withLock { $0 = [42] }
+        waiter.readyDescriptors.withLock { $0 = [42] }
         let result = dispatcher.wait(vcpu: 0, for: LongPollRequest(descriptors: [PollDescriptor(fd: 42, events: 1)]))
         XCTAssertEqual(result, .descriptorsReady([PollDescriptor(fd: 42, events: 1, returnedEvents: 1)]))
     }

@@ -1,0 +1,200 @@
+import RTVirtCore
+import RTVirtTesting
+import Synchronization
+import VMRPC
+import XCTest
+
+final class ServerTests: XCTestCase {
+    func testNullCallAndFeatureNegotiation() throws {
+        let harness = try ServerHarness()
+        let response = try harness.client().call(VMRPCProcedureID.null)
+        XCTAssertEqual(response.status, .ok)
+        XCTAssertEqual(response.results, [])
+        XCTAssertEqual(response.hostFeatures, .all)
+        XCTAssertEqual(harness.server.statistics(vcpu: 0)?.completedCalls, 1)
+        XCTAssertEqual(harness.server.procedureIDs, [1, 2, 3, 4, 5])
+    }
+
+    func testEachMalformedFieldIsRejectedWithItsStatus() throws {
+        let harness = try ServerHarness()
+        let client = harness.client()
+        func status(_ change: (inout VMRPCRequestHeader) -> Void, arguments: [UInt8] = []) throws -> VMRPCStatus? {
+            var header = VMRPCRequestHeader(procedure: VMRPCProcedureID.null, sequence: 42, argumentLength: UInt32(arguments.count))
+            change(&header)
+            return try client.callRaw(header: header, arguments: arguments).status
+        }
+        XCTAssertEqual(try status { $0.magic = 0x1234 }, .badMagic)
+        XCTAssertEqual(try status { $0.version = 2 }, .badVersion)
+        XCTAssertEqual(try status { $0.headerSize = 32 }, .badHeaderSize)
+        XCTAssertEqual(try status { $0.features = 1 << 7 }, .unsupportedFeature)
+        XCTAssertEqual(try status { $0.reserved = 1 }, .reservedNotZero)
+        XCTAssertEqual(try status { $0.argumentLength = 1985 }, .badArgumentLength)
+        XCTAssertEqual(try status { $0.argumentLength = UInt32.max }, .badArgumentLength)
+        XCTAssertEqual(try status({ $0.argumentLength = 4 }, arguments: [1, 2, 3, 4]), .badArgumentLength, "null takes no arguments")
+        XCTAssertEqual(try status { $0.procedure = 0 }, .unknownProcedure)
+        XCTAssertEqual(try status { $0.procedure = 0x100 }, .unknownProcedure)
+        XCTAssertEqual(try status { $0.procedure = VMRPCProcedureID.timerSleepUntil; $0.argumentLength = 7 }, .badArgumentLength)
+        // reply whose payload length disagrees with the argument length
+        let badReply = VMRPCReplyArguments(callID: 1, status: 0, payload: [1, 2]).encoded.dropLast()
+        XCTAssertEqual(try status({ $0.procedure = VMRPCProcedureID.reply; $0.argumentLength = UInt32(badReply.count); $0.features = 1 },
+                                  arguments: Array(badReply)), .badArguments)
+        // Order: the first failing check wins.
+        XCTAssertEqual(try status { $0.magic = 0; $0.version = 9 }, .badMagic)
+        XCTAssertEqual(harness.server.statistics(vcpu: 0)?.rejectedCalls, 12, "all but the bad reply, which its procedure rejected")
+        XCTAssertEqual(try client.null(), .ok, "a rejected call does not break a healthy channel")
+    }
+
+    func testClockRead() throws {
+        let harness = try ServerHarness(clock: ManualClock(start: 5_000_000))
+        let reading = try XCTUnwrap(try harness.client().clockRead())
+        XCTAssertEqual(reading, VMRPCClockReading(hostMonotonicNanoseconds: 5_000_000, guestTSC: 5_000_000,
+                                                  tscFrequencyHz: 1_000_000_000, guestTSCOffset: 0))
+        XCTAssertEqual(try harness.client(vcpu: 1).clockRead()?.guestTSC, 5_000_000)
+    }
+
+    func testSleepUntilParksUntilTheDeadline() throws {
+        let harness = try ServerHarness(lateness: 250)
+        let (status, wake) = try harness.client().sleepUntil(guestTSC: 3_000_000)
+        XCTAssertEqual(status, .ok)
+        XCTAssertEqual(wake?.guestTSC, 3_000_250)
+        XCTAssertEqual(harness.clock.nowNanoseconds(), 3_000_250)
+        XCTAssertEqual(harness.server.statistics(vcpu: 0)?.parkedCalls, 1)
+        // A deadline in the past returns at once, without blocking.
+        let blocks = harness.waiter.blockCount.load(ordering: .relaxed)
+        XCTAssertEqual(try harness.client().sleepUntil(guestTSC: 10).0, .ok)
+        XCTAssertEqual(harness.waiter.blockCount.load(ordering: .relaxed), blocks)
+        // Beyond the park limit (10 s): timed out at the limit.
+        let start = harness.clock.nowNanoseconds()
+        XCTAssertEqual(try harness.client().sleepUntil(guestTSC: start + 100_000_000_000).0, .timedOut)
+        XCTAssertEqual(harness.clock.nowNanoseconds(), start + 10_000_000_000 + 250)
+        // TSC comparisons wrap: a deadline more than 2^63 ticks ahead counts as past.
+        XCTAssertEqual(try harness.client().sleepUntil(guestTSC: UInt64.max).0, .ok)
+        // A cancelled vCPU gets `cancelled`.
+        harness.dispatcher.cancel(vcpu: 0)
+        XCTAssertEqual(try harness.client().sleepUntil(guestTSC: harness.clock.nowNanoseconds() + 1_000).0, .cancelled)
+    }
+
+    func testReverseCallRoundTrip() throws {
+        let harness = try ServerHarness()
+        let answer = Mutex<Result<VMRPCReverseCallReply, VMRPCReverseCallError>?>(nil)
+        try harness.server.reverseCall(vcpu: 1, procedure: 0x77, payload: [1, 2, 3]) { result in answer.withLock { $0 = result } }
+        XCTAssertEqual(harness.server.outstandingReverseCalls(vcpu: 1), 1)
+        let guest = harness.client(vcpu: 1, features: .reverseCalls)
+        let (status, delivery) = try guest.poll(timeoutNanoseconds: 1_000_000)
+        XCTAssertEqual(status, .ok)
+        let call = try XCTUnwrap(delivery)
+        XCTAssertEqual(call.procedure, 0x77)
+        XCTAssertEqual(call.payload, [1, 2, 3])
+        XCTAssertNotEqual(call.callID, 0)
+        XCTAssertEqual(try harness.client(vcpu: 0, features: .reverseCalls).reply(callID: call.callID, status: 0, payload: []),
+                       .noSuchCall, "only the vCPU the call went to can answer it")
+        XCTAssertEqual(try guest.reply(callID: call.callID ^ (1 << 32), status: 0, payload: []), .noSuchCall, "wrong generation")
+        XCTAssertEqual(try guest.reply(callID: call.callID, status: 5, payload: [9, 9]), .ok)
+        XCTAssertEqual(answer.withLock { $0 }, .success(VMRPCReverseCallReply(status: 5, payload: [9, 9])))
+        XCTAssertEqual(try guest.reply(callID: call.callID, status: 5, payload: []), .noSuchCall, "answered once")
+        XCTAssertEqual(try guest.poll(timeoutNanoseconds: 1_000).0, .timedOut)
+        XCTAssertEqual(try harness.client(vcpu: 1).poll(timeoutNanoseconds: 1).0, .unsupportedFeature,
+                       "poll needs the reverse-calls bit")
+    }
+
+    func testReverseCallsQueuedWhileNobodyPollsAreKeptInOrderAndBounded() throws {
+        var limits = VMRPCLimits()
+        limits.reverseCallsPerVCPU = 3
+        let harness = try ServerHarness(limits: limits)
+        for procedure in 1...3 as ClosedRange<UInt32> {
+            try harness.server.reverseCall(vcpu: 0, procedure: procedure, payload: []) { _ in }
+        }
+        XCTAssertThrowsError(try harness.server.reverseCall(vcpu: 0, procedure: 4, payload: []) { _ in }) {
+            XCTAssertEqual($0 as? VMRPCReverseCallError, .queueFull(vcpu: 0, capacity: 3))
+        }
+        XCTAssertThrowsError(try harness.server.reverseCall(vcpu: 0, procedure: 4, payload: [UInt8](repeating: 0, count: 4000)) { _ in }) {
+            XCTAssertEqual($0 as? VMRPCReverseCallError, .payloadTooLarge(4000))
+        }
+        XCTAssertThrowsError(try harness.server.reverseCall(vcpu: 9, procedure: 4, payload: []) { _ in })
+        let guest = harness.client(features: .reverseCalls)
+        XCTAssertEqual(try (1...3).map { _ in try guest.poll(timeoutNanoseconds: 0).1?.procedure }, [1, 2, 3])
+    }
+
+    func testShutdownFailsOutstandingReverseCalls() async throws {
+        let harness = try ServerHarness()
+        let failures = Mutex<[VMRPCReverseCallError]>([])
+        try harness.server.reverseCall(vcpu: 0, procedure: 1, payload: []) { result in
+            if case .failure(let error) = result { failures.withLock { $0.append(error) } }
+        }
+        // One delivered but not answered, one still queued.
+        _ = try harness.client(features: .reverseCalls).poll(timeoutNanoseconds: 0)
+        try harness.server.reverseCall(vcpu: 0, procedure: 2, payload: []) { result in
+            if case .failure(let error) = result { failures.withLock { $0.append(error) } }
+        }
+        harness.server.shutdown()
+        XCTAssertEqual(failures.withLock { $0 }, [.vmStopped, .vmStopped])
+        do {
+            _ = try await harness.server.reverseCall(vcpu: 1, procedure: 1, payload: [])
+            XCTFail("a stopped server takes no calls")
+        } catch {
+            XCTAssertEqual(error, .vmStopped)
+        }
+    }
+
+    func testMalformedCallStormBreaksOnlyThatChannel() throws {
+        var limits = VMRPCLimits()
+        limits.malformedCallBurst = 10
+        limits.malformedCallsPerSecond = 1
+        let harness = try ServerHarness(limits: limits)
+        let hostile = harness.client(vcpu: 0)
+        var header = VMRPCRequestHeader(procedure: 1, sequence: 1, argumentLength: 0)
+        header.magic = 0
+        var statuses: [VMRPCStatus?] = []
+        for _ in 0..<12 { statuses.append(try hostile.callRaw(header: header, arguments: []).status) }
+        XCTAssertEqual(statuses.prefix(10).allSatisfy { $0 == .badMagic }, true)
+        XCTAssertEqual(statuses.suffix(2), [.channelBroken, .channelBroken])
+        XCTAssertEqual(try hostile.null(), .channelBroken, "a broken channel serves nothing")
+        XCTAssertEqual(harness.server.statistics(vcpu: 0)?.broken, true)
+        XCTAssertEqual(try harness.client(vcpu: 1).null(), .ok, "other vCPUs are unaffected")
+        XCTAssertThrowsError(try harness.server.reverseCall(vcpu: 0, procedure: 1, payload: []) { _ in })
+        harness.server.repairChannel(vcpu: 0)
+        XCTAssertEqual(try hostile.null(), .ok)
+    }
+
+    func testDoorbellsOutsideTheLayoutOrMemoryAreHarmless() throws {
+        let memory = GuestMemoryMap()
+        try memory.addRegion(at: GuestAddress(0), size: 0x1000)
+        let dispatcher = try LongPollDispatcher(vcpuCount: 4)
+        // Slots 1...3 lie outside guest memory.
+        let server = try VMRPCServer(memory: memory, slots: VMRPCSlotLayout(base: GuestAddress(0), count: 4),
+                                     dispatcher: dispatcher, procedures: [VMRPCStandardProcedures.null()])
+        for vcpu in [-1, 1, 3, 4, 1000] { server.handleDoorbell(vcpu: vcpu) }
+        XCTAssertEqual(server.statistics(vcpu: 1)?.rejectedCalls, 1)
+        // An all-zero slot is a bad-magic call.
+        server.handleDoorbell(vcpu: 0)
+        XCTAssertEqual(try memory.read(UInt32.self, at: GuestAddress(32)), VMRPCStatus.badMagic.rawValue)
+        let doorbell = server.makeDoorbell()
+        XCTAssertEqual(doorbell.write(BusAccess(space: .port, base: 0x518, offset: 0, size: 1, vcpuID: 0), value: 0xFF), .handled)
+        XCTAssertEqual(doorbell.read(BusAccess(space: .port, base: 0x518, offset: 0, size: 4, vcpuID: 0)), 0)
+        XCTAssertEqual(server.statistics(vcpu: 0)?.doorbells, 2)
+    }
+
+    func testRegistrationRules() throws {
+        let memory = GuestMemoryMap()
+        let dispatcher = try LongPollDispatcher(vcpuCount: 1)
+        let layout = VMRPCSlotLayout(base: GuestAddress(0), count: 1)
+        func make(_ procedures: [VMRPCProcedure]) throws -> VMRPCServer {
+            try VMRPCServer(memory: memory, slots: layout, dispatcher: dispatcher, procedures: procedures)
+        }
+        let noop: @Sendable (VMRPCCallContext, [UInt8]) -> VMRPCReply = { _, _ in .failed(.ok) }
+        XCTAssertThrowsError(try make([VMRPCProcedure(id: 0, name: "zero", argumentLength: 0...0, handler: noop)])) {
+            XCTAssertEqual($0 as? VMRPCRegistrationError, .reservedID)
+        }
+        XCTAssertThrowsError(try make([VMRPCStandardProcedures.null(), VMRPCStandardProcedures.null()])) {
+            XCTAssertEqual($0 as? VMRPCRegistrationError, .duplicateID(1))
+        }
+        XCTAssertThrowsError(try make([VMRPCProcedure(id: 4, name: "poll", argumentLength: 0...0, handler: noop)])) {
+            XCTAssertEqual($0 as? VMRPCRegistrationError, .builtInID(4))
+        }
+        XCTAssertThrowsError(try make([VMRPCProcedure(id: 9, name: "big", argumentLength: 0...1985, handler: noop)])) {
+            XCTAssertEqual($0 as? VMRPCRegistrationError, .invalidArgumentLength(9))
+        }
+        let withoutReverse = try VMRPCServer(memory: memory, slots: layout, dispatcher: dispatcher, procedures: [], features: [])
+        XCTAssertEqual(withoutReverse.procedureIDs, [])
+    }
+}

@@ -1,0 +1,120 @@
+import CVMRPCGuest
+import Foundation
+import RTVirtCore
+import RTVirtTesting
+import VMRPC
+import XCTest
+
+/// One vector of Docs/VMRPC.md.
+struct VMRPCVector {
+    var name: String
+    var request: [UInt8]
+    var arguments: [UInt8]
+    var response: [UInt8]
+    var results: [UInt8]
+
+    /// The vectors in the specification, parsed from its ```vmrpc-vector blocks.
+    static func fromSpecification() throws -> [VMRPCVector] {
+        let specification = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("Docs/VMRPC.md")
+        let text = try String(contentsOf: specification, encoding: .utf8)
+        var vectors: [VMRPCVector] = []
+        for block in text.components(separatedBy: "```vmrpc-vector").dropFirst() {
+            var fields: [String: Substring] = [:]
+            for line in block.split(separator: "\n") {
+                if line.hasPrefix("```") { break }
+                guard let colon = line.firstIndex(of: ":") else { continue }
+                fields[String(line[..<colon])] = line[line.index(after: colon)...]
+            }
+            vectors.append(VMRPCVector(name: String(fields["name"] ?? "").trimmingCharacters(in: .whitespaces),
+                                       request: hexBytes(fields["request"] ?? ""), arguments: hexBytes(fields["arguments"] ?? ""),
+                                       response: hexBytes(fields["response"] ?? ""), results: hexBytes(fields["results"] ?? "")))
+        }
+        return vectors
+    }
+}
+
+final class TestVectorTests: XCTestCase {
+    func testSpecificationHasTheVectors() throws {
+        let names = try VMRPCVector.fromSpecification().map(\.name)
+        XCTAssertEqual(names, ["null", "sleep-until", "bad-magic", "poll", "reply", "unknown-procedure"])
+    }
+
+    /// The Swift host, given each request, writes exactly the response of the vector.
+    func testSwiftHostProducesTheVectorResponses() throws {
+        for vector in try VMRPCVector.fromSpecification() {
+            let harness = try ServerHarness(lateness: 368, clock: ManualClock(start: 0x12_0000_0000))
+            if vector.name == "poll" {
+                try harness.server.reverseCall(vcpu: 0, procedure: 0x77, payload: [0xDE, 0xAD, 0xBE, 0xEF]) { _ in }
+            }
+            if vector.name == "reply" {
+                try harness.server.reverseCall(vcpu: 0, procedure: 0x77, payload: []) { _ in }
+                _ = try harness.client(features: .reverseCalls).poll(timeoutNanoseconds: 0)
+            }
+            let slot = ServerHarness.slotBase
+            try harness.memory.write(bytes: vector.request, at: slot)
+            try harness.memory.write(bytes: vector.arguments, at: GuestAddress(slot.rawValue + 64))
+            harness.server.handleDoorbell(vcpu: 0)
+            XCTAssertEqual(try harness.memory.readBytes(count: 32, at: GuestAddress(slot.rawValue + 32)), vector.response, vector.name)
+            XCTAssertEqual(try harness.memory.readBytes(count: vector.results.count, at: GuestAddress(slot.rawValue + 2048)),
+                           vector.results, vector.name)
+        }
+    }
+
+    /// The Swift types encode each vector's request, and decode its response, byte for byte.
+    func testSwiftEncodingMatchesTheVectors() throws {
+        for vector in try VMRPCVector.fromSpecification() {
+            let header = vector.request.withUnsafeBytes { VMRPCRequestHeader(decoding: $0) }
+            XCTAssertEqual(header.bytes, vector.request, vector.name)
+            let response = vector.response.withUnsafeBytes { VMRPCResponseHeader(decoding: $0) }
+            XCTAssertEqual(response.bytes, vector.response, vector.name)
+            XCTAssertEqual(Int(response.resultLength), vector.results.count, vector.name)
+            XCTAssertEqual(response.sequence, header.sequence, vector.name)
+        }
+        let poll = try VMRPCVector.fromSpecification().first { $0.name == "poll" }!
+        XCTAssertEqual(try VMRPCReverseCallDelivery.decode(poll.results),
+                       VMRPCReverseCallDelivery(callID: 1 << 32 | 1, procedure: 0x77, payload: [0xDE, 0xAD, 0xBE, 0xEF]))
+    }
+
+    /// The C header encodes each vector's request and decodes its response.
+    func testCHeaderMatchesTheVectors() throws {
+        for vector in try VMRPCVector.fromSpecification() {
+            let header = vector.request.withUnsafeBytes { VMRPCRequestHeader(decoding: $0) }
+            var slot = [UInt8](repeating: 0xAA, count: 4096)
+            let result = slot.withUnsafeMutableBufferPointer { buffer in
+                vector.arguments.withUnsafeBytes { arguments in
+                    rtv_test_encode_request(buffer.baseAddress, header.procedure, header.sequence, header.features,
+                                            arguments.baseAddress, UInt32(vector.arguments.count))
+                }
+            }
+            XCTAssertEqual(result, 0, vector.name)
+            if header.magic == VMRPCWire.magic {
+                XCTAssertEqual(Array(slot[0..<32]), vector.request, vector.name)
+                XCTAssertEqual(Array(slot[64..<64 + vector.arguments.count]), vector.arguments, vector.name)
+            }
+            slot.replaceSubrange(32..<64, with: vector.response)
+            slot.replaceSubrange(2048..<2048 + vector.results.count, with: vector.results)
+            let status = slot.withUnsafeBufferPointer { rtv_test_response_status($0.baseAddress, header.sequence) }
+            XCTAssertEqual(status, vector.response.withUnsafeBytes { VMRPCResponseHeader(decoding: $0) }.status, vector.name)
+            XCTAssertEqual(slot.withUnsafeBufferPointer { rtv_test_response_status($0.baseAddress, header.sequence &+ 1) },
+                           UInt32(RTV_VMRPC_INTERNAL_ERROR), "a response for another sequence is not trusted")
+            var results = [UInt8](repeating: 0, count: 2048)
+            let length = slot.withUnsafeBufferPointer { slotBuffer in
+                results.withUnsafeMutableBytes { rtv_test_read_results(slotBuffer.baseAddress, $0.baseAddress, 2048) }
+            }
+            XCTAssertEqual(Array(results.prefix(Int(length))), vector.results, vector.name)
+        }
+        var slot = [UInt8](repeating: 0, count: 4096)
+        XCTAssertEqual(slot.withUnsafeMutableBufferPointer { rtv_test_encode_request($0.baseAddress, 1, 1, 0, nil, 1985) }, -1)
+    }
+
+    func testCConstantsMatchSwift() {
+        XCTAssertEqual(RTV_VMRPC_MAGIC, VMRPCWire.magic)
+        XCTAssertEqual(Int(RTV_VMRPC_ARGS_MAX), VMRPCWire.maximumArgumentLength)
+        XCTAssertEqual(Int(RTV_VMRPC_RESULTS_OFFSET), VMRPCWire.resultsOffset)
+        XCTAssertEqual(UInt32(RTV_VMRPC_PROC_SLEEP_UNTIL), VMRPCProcedureID.timerSleepUntil)
+        XCTAssertEqual(UInt32(RTV_VMRPC_FEATURE_REVERSE_CALLS), VMRPCFeatures.reverseCalls.rawValue)
+        XCTAssertEqual(UInt32(RTV_VMRPC_CHANNEL_BROKEN), VMRPCStatus.channelBroken.rawValue)
+        XCTAssertEqual(MemoryLayout<rtv_vmrpc_header>.size, VMRPCWire.headerSize)
+    }
+}

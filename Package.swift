@@ -68,7 +68,7 @@ let package = Package(
         ),
         .target(
             name: "RTVirtGuestImage",
-            dependencies: ["RTVirtCore", "KVMBackend"],
+            dependencies: ["RTVirtCore", "KVMBackend", "VMRPC"],
             plugins: ["GuestImageBuilder"]
         ),
 

@@ -17,7 +17,7 @@ _start:
     je mode_spin
     cmp $GUEST_MODE_HALT, %rdi
     je mode_halt
-    mov $GUEST_STATUS_BAD_MODE, %eax
+    call guest_c_main     /* SysV: rdi mode, rsi, rdx, rcx slot, r8 data; returns the status */
     jmp guest_exit
 
     .text

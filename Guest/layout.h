@@ -12,20 +12,33 @@
 #define GUEST_IMAGE_ADDRESS      0x10000  /* the image is loaded and entered here */
 #define GUEST_STACK_TOP          0x200000 /* vCPU n uses GUEST_STACK_TOP - n * GUEST_STACK_SIZE */
 #define GUEST_STACK_SIZE         0x10000
-#define GUEST_DATA_ADDRESS       0x200000 /* shared buffers between guest and host */
+#define GUEST_RPC_SLOTS_ADDRESS  0x300000 /* VMRPC call slot of vCPU n: + n * 4096 */
+#define GUEST_DATA_ADDRESS       0x400000 /* vCPU n's buffer shared with the host: + n * GUEST_DATA_SIZE */
+#define GUEST_DATA_SIZE          0x100000
+#define GUEST_MAX_VCPUS          12       /* stacks, slots and data buffers fit 16 MiB for this many */
 #define GUEST_MMIO_TEST_ADDRESS  0xD0000000 /* no RAM here: accesses exit to the VMM */
+#define GUEST_MMIO_DOORBELL      0xD0001000 /* VMRPC doorbell as an MMIO write */
 
 /* Ports (outside the in-kernel PIC/PIT ranges). */
 #define GUEST_PORT_RESULT 0x510 /* out: a value the guest reports */
 #define GUEST_PORT_EXIT   0x511 /* out: the guest is done; the value is its status */
 #define GUEST_PORT_INPUT  0x512 /* in: a value the host supplies */
+#define GUEST_PORT_DOORBELL 0x518 /* out: VMRPC doorbell */
+#define GUEST_PORT_BARE     0x519 /* out: an exit the host ignores (the baseline of rpc-bench) */
 
-/* Modes, passed in RDI at entry; arguments in RSI and RDX. */
+/* Modes, passed in RDI at entry; arguments in RSI and RDX; RCX = this vCPU's VMRPC slot;
+ * R8 = this vCPU's data buffer. Modes from 6 on are written in C (modes.c). */
 #define GUEST_MODE_COMPUTE 1 /* RSI iterations of an LCG from RDX; report low, high 32 bits */
 #define GUEST_MODE_PORT_IN 2 /* read 1, 2, 4 bytes from the input port, echo each */
 #define GUEST_MODE_MMIO    3 /* MMIO reads and writes of 1, 2, 4, 8 bytes at the test address */
 #define GUEST_MODE_SPIN    4 /* loop forever */
 #define GUEST_MODE_HALT    5 /* hlt (needs CPL 0) */
+#define GUEST_MODE_RPC_DEMO  6 /* VMRPC null, clock.read, then serve reverse calls until told to stop */
+#define GUEST_MODE_RPC_BENCH 7 /* RSI pairs of (bare exit, null call), cycles of each into the data buffer */
+
+/* Reverse-call procedures the rpc-demo guest serves. */
+#define GUEST_REVERSE_ADD  1 /* payload: two u32; reply payload: their sum (u32) */
+#define GUEST_REVERSE_STOP 2 /* reply, then exit with status 0 */
 
 #define GUEST_STATUS_BAD_MODE 0xBAD0
 

@@ -11,9 +11,10 @@ struct GuestImageBuilder: BuildToolPlugin {
     func createBuildCommands(context: PluginContext, target: Target) throws -> [Command] {
         let guestDirectory = context.package.directoryURL.appending(path: "Guest")
         let work = context.pluginWorkDirectoryURL
+        let headerDirectory = context.package.directoryURL.appending(path: "Sources/CVMRPCGuest/include")
         let entries = try FileManager.default.contentsOfDirectory(atPath: guestDirectory.path).sorted()
         let inputs = entries.filter { [".S", ".c", ".h", ".ld"].contains(where: $0.hasSuffix) }
-            .map { guestDirectory.appending(path: $0) }
+            .map { guestDirectory.appending(path: $0) } + [headerDirectory.appending(path: "rtvirt_vmrpc.h")]
         let output = work.appending(path: "GuestImageBytes.swift")
         return [.buildCommand(
             displayName: "Building the bundled guest from Guest/",
@@ -21,7 +22,7 @@ struct GuestImageBuilder: BuildToolPlugin {
             arguments: [
                 try context.tool(named: "clang").url.path,
                 try context.tool(named: "ld.lld").url.path,
-                guestDirectory.path, work.path, output.path,
+                guestDirectory.path, headerDirectory.path, work.path, output.path,
             ],
             inputFiles: inputs,
             outputFiles: [output])]

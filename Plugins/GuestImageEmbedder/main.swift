@@ -1,5 +1,5 @@
 // Builds the bundled guest and writes it as a Swift byte array.
-// Usage: GuestImageEmbedder <clang> <ld.lld> <guest source dir> <work dir> <output.swift>
+// Usage: GuestImageEmbedder <clang> <ld.lld> <guest source dir> <include dir> <work dir> <output.swift>
 //
 // Compiles every .S and .c in the source directory for x86_64-unknown-none, links them
 // with guest.ld into a flat binary (kept in the work directory as guest.bin), and writes
@@ -23,16 +23,16 @@ func run(_ executable: String, _ arguments: [String]) {
 }
 
 let arguments = CommandLine.arguments
-guard arguments.count == 6 else {
-    fail("usage: GuestImageEmbedder <clang> <ld.lld> <guest source dir> <work dir> <output.swift>")
+guard arguments.count == 7 else {
+    fail("usage: GuestImageEmbedder <clang> <ld.lld> <guest source dir> <include dir> <work dir> <output.swift>")
 }
-let (clang, linker, sourceDirectory, workDirectory, output) =
-    (arguments[1], arguments[2], arguments[3], arguments[4], arguments[5])
+let (clang, linker, sourceDirectory, includeDirectory, workDirectory, output) =
+    (arguments[1], arguments[2], arguments[3], arguments[4], arguments[5], arguments[6])
 
 let compilerFlags = [
     "-target", "x86_64-unknown-none", "-ffreestanding", "-nostdlib", "-fno-pic", "-fno-stack-protector",
     "-mno-red-zone", "-mgeneral-regs-only", "-mcmodel=small", "-O2", "-Wall", "-Werror",
-    "-I", sourceDirectory,
+    "-I", sourceDirectory, "-I", includeDirectory,
 ]
 let sources: [String]
 do {

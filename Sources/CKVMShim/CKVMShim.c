@@ -77,6 +77,13 @@ void rtv_run_set_immediate_exit(struct kvm_run *run, uint8_t value) {
     __atomic_store_n(&run->immediate_exit, value, __ATOMIC_SEQ_CST);
 }
 
+int rtv_kick_unblock_in_current_thread(int signo) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, signo);
+    return pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}
+
 int rtv_kick_thread(pthread_t thread, int signo) { return pthread_kill(thread, signo); }
 
 int rtv_kick_default_signal(void) { return SIGRTMIN + 3; }

@@ -7,7 +7,10 @@ import Synchronization
 
 /// A KVM vCPU: owns the vCPU file descriptor and its mapped `kvm_run` area.
 ///
-/// `run()` is called by one thread at a time; `kick()` from any thread. While `run()` is
+/// `run()` is called by one thread at a time; `kick()` from any thread. The state accessors
+/// (registers, MSRs, CPUID) wait while the vCPU is inside `KVM_RUN` on another thread (the
+/// kernel serializes vCPU ioctls): call them before the vCPU runs, after it stopped, or from
+/// its own thread. While `run()` is
 /// inside `KVM_RUN` the vCPU remembers the running thread, so that a kick can signal it;
 /// outside, a kick only sets `immediate_exit`, which makes the next `run()` return
 /// `.interrupted` without entering the guest.
@@ -22,6 +25,8 @@ public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
     let runArea: UnsafeMutablePointer<kvm_run>
     private let runAreaSize: Int
     private let runningThread = Mutex<pthread_t?>(nil)
+    /// The last thread whose signal mask was checked to let the kick signal through.
+    private let kickableThread = Mutex<pthread_t?>(nil)
 
     init(vm: KVMVirtualMachine, id: Int) throws(KVMError) {
         self.vm = vm
@@ -46,6 +51,13 @@ public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
     /// Enters the guest until the next exit (`KVM_RUN`) and decodes the exit.
     public func runOnce() throws(KVMError) -> VCPUExit {
         let thread = pthread_self()
+        if kickableThread.withLock({ $0 }) != thread {
+            // Threads inherit signal masks; a vCPU thread started from a thread that blocks the
+            // kick signal could never be kicked out of KVM_RUN.
+            let result = rtv_kick_unblock_in_current_thread(KickSignal.number)
+            guard result == 0 else { throw .ioctlFailed(operation: "pthread_sigmask", errno: Errno(rawValue: result)) }
+            kickableThread.withLock { $0 = thread }
+        }
         runningThread.withLock { $0 = thread }
         let result = rtv_kvm_run(descriptor.rawValue)
         let code = errno

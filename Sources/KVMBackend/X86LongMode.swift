@@ -182,17 +182,18 @@ public enum X86LongMode {
         return r
     }
 
-    /// General registers to enter at `entry` with stack `stack` and up to three arguments in
-    /// RDI, RSI, RDX. At `.userWithIOPrivilege`, RFLAGS.IOPL is 3.
+    /// General registers to enter at `entry` with stack `stack` and up to six arguments in
+    /// the SysV order RDI, RSI, RDX, RCX, R8, R9. At `.userWithIOPrivilege`, RFLAGS.IOPL is 3.
     public static func entryRegisters(entry: GuestAddress, stack: UInt64, privilege: X86StartPrivilege,
                                       arguments: [UInt64] = []) -> X86Registers {
         var r = X86Registers()
         r.rip = entry.rawValue
         r.rsp = stack
         r.rflags = privilege == .kernel ? 0x2 : 0x3002
-        if arguments.count > 0 { r.rdi = arguments[0] }
-        if arguments.count > 1 { r.rsi = arguments[1] }
-        if arguments.count > 2 { r.rdx = arguments[2] }
+        let setters: [(inout X86Registers, UInt64) -> Void] = [
+            { $0.rdi = $1 }, { $0.rsi = $1 }, { $0.rdx = $1 }, { $0.rcx = $1 }, { $0.r8 = $1 }, { $0.r9 = $1 },
+        ]
+        for (setter, value) in zip(setters, arguments) { setter(&r, value) }
         return r
     }
 

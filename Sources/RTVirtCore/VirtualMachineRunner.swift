@@ -41,6 +41,11 @@ public final class VirtualMachineRunner: Sendable {
         self.results = results
     }
 
+    /// Dropping the runner stops every vCPU, then the threads are joined.
+    deinit {
+        stop()
+    }
+
     /// Asks every vCPU to stop (kicking those inside the guest). Returns immediately.
     public func stop() {
         for loop in loops { loop.requestStop() }

@@ -1,5 +1,6 @@
 import KVMBackend
 import RTVirtCore
+import VMRPC
 
 /// How one vCPU of the bundled guest starts.
 public struct BundledGuestVCPU: Sendable {
@@ -18,6 +19,12 @@ public struct BundledGuestVCPU: Sendable {
     }
 }
 
+/// Errors of the bundled guest's setup.
+public enum BundledGuestError: Error, Equatable, Sendable {
+    /// The layout has room for `maximum` vCPUs (and at least one is needed).
+    case tooManyVCPUs(requested: Int, maximum: Int)
+}
+
 /// A KVM VM running the bundled guest: memory, long-mode tables, the image, one vCPU per
 /// entry of `vcpus` set up to enter the image, and a bus with the guest's ports.
 public final class BundledGuestMachine: Sendable {
@@ -34,8 +41,13 @@ public final class BundledGuestMachine: Sendable {
     public let layout: X86LongModeLayout
 
     /// Builds the VM. `vcpus[i]` becomes vCPU id `i`.
+    /// - Throws: `BundledGuestError.tooManyVCPUs` beyond `GuestLayout.maximumVCPUs`, or the
+    ///   KVM and memory errors of the steps.
     public init(system: KVMSystem, vcpus configurations: [BundledGuestVCPU],
                 memorySize: UInt64 = BundledGuestMachine.defaultMemorySize) throws {
+        guard (1...GuestLayout.maximumVCPUs).contains(configurations.count) else {
+            throw BundledGuestError.tooManyVCPUs(requested: configurations.count, maximum: GuestLayout.maximumVCPUs)
+        }
         let vm = try system.makeKVMVirtualMachine()
         try vm.addKVMMemory(at: GuestAddress(0), size: memorySize)
         let layout = X86LongModeLayout(
@@ -53,13 +65,54 @@ public final class BundledGuestMachine: Sendable {
             try vcpu.setRegisters(X86LongMode.entryRegisters(
                 entry: GuestLayout.imageAddress, stack: GuestLayout.stackPointer(forVCPU: id),
                 privilege: configuration.privilege,
-                arguments: [configuration.mode.rawValue, configuration.arguments.0, configuration.arguments.1]))
+                arguments: [configuration.mode.rawValue, configuration.arguments.0, configuration.arguments.1,
+                            Self.slotLayout(vcpuCount: configurations.count).address(ofVCPU: id)!.rawValue,
+                            GuestLayout.dataBuffer(forVCPU: id).rawValue]))
             vcpus.append(vcpu)
         }
+        let frequency = vcpus.first?.tscFrequencyKHz().map { $0 * 1000 } ?? GuestTSCMapping.measureHostTSCFrequency()
+        tscMappings = try vcpus.map { GuestTSCMapping(frequencyHz: frequency, guestOffset: try $0.guestTSCOffset()) }
         self.vm = vm
         self.vcpus = vcpus
         self.layout = layout
         self.ports = BundledGuestPorts()
+    }
+
+    /// Where the bundled guest's VMRPC slots are.
+    public static func slotLayout(vcpuCount: Int) -> VMRPCSlotLayout {
+        VMRPCSlotLayout(base: GuestLayout.rpcSlotsAddress, count: vcpuCount)
+    }
+
+    /// Each vCPU's TSC mapping: its offset from `KVM_GET_MSRS(IA32_TSC)` and the frequency
+    /// from `KVM_GET_TSC_KHZ` (measured against CLOCK_MONOTONIC when KVM does not say).
+    /// Measured once before any vCPU runs: a vCPU ioctl waits while that vCPU is in `KVM_RUN`.
+    public let tscMappings: [GuestTSCMapping]
+
+    /// A VMRPC server for this guest's slots with the standard procedures (and `extra`).
+    public func makeVMRPCServer(dispatcher: LongPollDispatcher, extra: [VMRPCProcedure] = [],
+                                limits: VMRPCLimits = VMRPCLimits()) throws -> VMRPCServer {
+        let clock = HostGuestClockSource(mappings: tscMappings)
+        return try VMRPCServer(memory: vm.guestMemory, slots: Self.slotLayout(vcpuCount: vcpus.count), dispatcher: dispatcher,
+                               procedures: VMRPCStandardProcedures.all(clock: clock) + extra, limits: limits)
+    }
+
+    /// A bus with the guest's ports, the VMRPC doorbell (port and MMIO) and a bare-exit port
+    /// that does nothing (the baseline of `rpc-bench`).
+    public func makeBus(server: VMRPCServer) throws -> IOBus {
+        var bus = try makeBus()
+        let doorbell = server.makeDoorbell()
+        try bus.register(doorbell, space: .port, base: UInt64(GuestLayout.doorbellPort), length: 1)
+        try bus.register(doorbell, space: .mmio, base: GuestLayout.mmioDoorbellAddress.rawValue, length: 4)
+        try bus.register(IgnoredPort(), space: .port, base: UInt64(GuestLayout.bareExitPort), length: 1)
+        return bus
+    }
+
+    /// Copies `count` u64 values out of vCPU `id`'s data buffer.
+    public func readData(ofVCPU id: Int, count: Int) throws -> [UInt64] {
+        let bytes = try vm.guestMemory.readBytes(count: count * 8, at: GuestLayout.dataBuffer(forVCPU: id))
+        return stride(from: 0, to: bytes.count, by: 8).map { offset in
+            bytes[offset..<offset + 8].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        }
     }
 
     /// A bus with the guest's ports on it, to which callers may add devices.
@@ -70,7 +123,15 @@ public final class BundledGuestMachine: Sendable {
     }
 
     /// Starts every vCPU on its own thread over `bus` (default: `makeBus()`).
-    public func start(bus: IOBus? = nil) throws -> VirtualMachineRunner {
-        try VirtualMachineRunner(vcpus: vcpus, bus: bus ?? makeBus())
+    public func start(bus: IOBus? = nil, dispatcher: LongPollDispatcher? = nil) throws -> VirtualMachineRunner {
+        try VirtualMachineRunner(vcpus: vcpus, bus: bus ?? makeBus(), dispatcher: dispatcher)
     }
+}
+
+/// A port whose writes are ignored and whose reads return 0.
+public final class IgnoredPort: BusDevice {
+    /// An ignored port.
+    public init() {}
+    public func read(_ access: BusAccess) -> UInt64 { 0 }
+    public func write(_ access: BusAccess, value: UInt64) -> BusWriteResult { .handled }
 }

@@ -23,6 +23,11 @@ public enum BundledGuestMode: UInt64, Sendable, CaseIterable {
     case spin = 4
     /// Executes `hlt` (needs CPL 0).
     case halt = 5
+    /// VMRPC `null` and `clock.read`, reporting each status and the clock reading, then serves
+    /// reverse calls (`GuestLayout.reverseAdd`, `.reverseStop`) until told to stop.
+    case rpcDemo = 6
+    /// RSI pairs of (bare exit, `null` call), the TSC cycles of each into the data buffer.
+    case rpcBench = 7
 
     /// The LCG multiplier and increment the `compute` mode uses.
     public static let lcgMultiplier: UInt64 = 6_364_136_223_846_793_005
@@ -57,14 +62,26 @@ public enum GuestLayout {
     public static let imageAddress = GuestAddress(0x10000)
     public static let stackTop: UInt64 = 0x20_0000
     public static let stackSize: UInt64 = 0x1_0000
-    public static let dataAddress = GuestAddress(0x20_0000)
+    public static let rpcSlotsAddress = GuestAddress(0x30_0000)
+    public static let dataAddress = GuestAddress(0x40_0000)
+    public static let dataSize: UInt64 = 0x10_0000
+    public static let maximumVCPUs = 12
     public static let mmioTestAddress = GuestAddress(0xD000_0000)
+    public static let mmioDoorbellAddress = GuestAddress(0xD000_1000)
     public static let resultPort: UInt16 = 0x510
     public static let exitPort: UInt16 = 0x511
     public static let inputPort: UInt16 = 0x512
+    public static let doorbellPort: UInt16 = 0x518
+    public static let bareExitPort: UInt16 = 0x519
+    /// Reverse-call procedure of the rpc-demo guest: payload two u32, reply their sum.
+    public static let reverseAdd: UInt32 = 1
+    /// Reverse-call procedure of the rpc-demo guest: reply, then exit.
+    public static let reverseStop: UInt32 = 2
     /// The status the guest exits with for an unknown mode.
     public static let badModeStatus: UInt64 = 0xBAD0
 
     /// The initial stack pointer of vCPU `id`.
     public static func stackPointer(forVCPU id: Int) -> UInt64 { stackTop - UInt64(id) * stackSize }
+    /// The data buffer of vCPU `id`.
+    public static func dataBuffer(forVCPU id: Int) -> GuestAddress { GuestAddress(dataAddress.rawValue + UInt64(id) * dataSize) }
 }

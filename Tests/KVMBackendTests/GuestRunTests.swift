@@ -139,3 +139,25 @@ final class GuestRunTests: XCTestCase {
         thread.join()
     }
 }
+
+final class KickSignalMaskTests: XCTestCase {
+    /// A vCPU thread inherits its creator's signal mask; one created from a thread that blocks
+    /// every signal (as libdispatch workers do) must still be kickable.
+    func testVCPUStartedFromAThreadBlockingAllSignalsCanBeKicked() throws {
+        let kvm = try openKVMOrSkip()
+        let machine = try BundledGuestMachine(system: kvm, vcpus: [BundledGuestVCPU(mode: .spin)])
+        let runnerBox = Mutex<VirtualMachineRunner?>(nil)
+        let starter = try HostThread(name: "masked-starter") {
+            var all = sigset_t()
+            sigfillset(&all)
+            pthread_sigmask(SIG_BLOCK, &all, nil)
+            let runner = try? machine.start()
+            runnerBox.withLock { $0 = runner }
+        }
+        starter.join()
+        let runner = try XCTUnwrap(runnerBox.withLock { $0 })
+        usleep(50_000)
+        runner.stop()
+        XCTAssertEqual(runner.waitForAll(timeoutNanoseconds: 5_000_000_000), [.stopRequested])
+    }
+}

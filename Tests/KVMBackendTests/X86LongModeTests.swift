@@ -102,14 +102,26 @@ final class X86LongModeTests: XCTestCase {
             "GUEST_KERNEL_STACK_TOP": GuestLayout.kernelStackTop, "GUEST_IMAGE_ADDRESS": GuestLayout.imageAddress.rawValue,
             "GUEST_STACK_TOP": GuestLayout.stackTop, "GUEST_STACK_SIZE": GuestLayout.stackSize,
             "GUEST_DATA_ADDRESS": GuestLayout.dataAddress.rawValue, "GUEST_MMIO_TEST_ADDRESS": GuestLayout.mmioTestAddress.rawValue,
+            "GUEST_DATA_SIZE": GuestLayout.dataSize, "GUEST_RPC_SLOTS_ADDRESS": GuestLayout.rpcSlotsAddress.rawValue,
+            "GUEST_MAX_VCPUS": UInt64(GuestLayout.maximumVCPUs), "GUEST_MMIO_DOORBELL": GuestLayout.mmioDoorbellAddress.rawValue,
+            "GUEST_PORT_DOORBELL": UInt64(GuestLayout.doorbellPort), "GUEST_PORT_BARE": UInt64(GuestLayout.bareExitPort),
+            "GUEST_REVERSE_ADD": UInt64(GuestLayout.reverseAdd), "GUEST_REVERSE_STOP": UInt64(GuestLayout.reverseStop),
             "GUEST_PORT_RESULT": UInt64(GuestLayout.resultPort), "GUEST_PORT_EXIT": UInt64(GuestLayout.exitPort),
             "GUEST_PORT_INPUT": UInt64(GuestLayout.inputPort), "GUEST_STATUS_BAD_MODE": GuestLayout.badModeStatus,
         ]
         for (name, value) in expected { XCTAssertEqual(defines[name], value, name) }
         for mode in BundledGuestMode.allCases {
-            let name = "GUEST_MODE_" + String(describing: mode).uppercased().replacingOccurrences(of: "PORTIN", with: "PORT_IN")
+            let snake = String(describing: mode).reduce(into: "") { text, character in
+                if character.isUppercase { text += "_" }
+                text += character.uppercased()
+            }
+            let name = "GUEST_MODE_" + snake
             XCTAssertEqual(defines[name], mode.rawValue, name)
         }
+        // Everything fits: stacks above the image, slots and data buffers inside 16 MiB.
+        XCTAssertGreaterThan(GuestLayout.stackPointer(forVCPU: GuestLayout.maximumVCPUs) , GuestLayout.imageAddress.rawValue + 0x10000)
+        XCTAssertLessThanOrEqual(GuestLayout.rpcSlotsAddress.rawValue + UInt64(GuestLayout.maximumVCPUs) * 4096, GuestLayout.dataAddress.rawValue)
+        XCTAssertLessThanOrEqual(GuestLayout.dataBuffer(forVCPU: GuestLayout.maximumVCPUs).rawValue, BundledGuestMachine.defaultMemorySize)
         // The TSS and its bitmap must end before the kernel stack and the image.
         XCTAssertLessThanOrEqual(GuestLayout.tssAddress.rawValue + UInt64(X86LongMode.taskStateSegmentSize), GuestLayout.kernelStackTop - 0x1000)
         XCTAssertLessThanOrEqual(GuestLayout.pageTableAddress.rawValue + 6 * 0x1000, GuestLayout.tssAddress.rawValue)

@@ -105,6 +105,10 @@ int rtv_exit_complete_mmio_read(struct kvm_run *run, uint64_t value);
 /// The kicker sets `immediate_exit` before it signals, so the handler has nothing to do.
 int rtv_kick_install_handler(int signo);
 
+/// Unblocks `signo` in the calling thread's signal mask (threads inherit masks: one started
+/// from a libdispatch worker has every signal blocked). Returns 0 or an errno value.
+int rtv_kick_unblock_in_current_thread(int signo);
+
 /// Sets `immediate_exit` (sequentially consistent store).
 void rtv_run_set_immediate_exit(struct kvm_run *run, uint8_t value);
 

@@ -1,0 +1,115 @@
+/* The bundled guest's modes written in C: freestanding, at CPL 3, talking VMRPC through
+ * rtvirt_vmrpc.h. Entered from entry.S as guest_c_main(mode, arg0, arg1, slot, data). */
+#include <stdint.h>
+
+#include "layout.h"
+#include "rtvirt_vmrpc.h"
+
+/* The compiler may emit calls to these for struct copies. */
+void *memcpy(void *to, const void *from, unsigned long length) {
+    for (unsigned long i = 0; i < length; i++) ((uint8_t *)to)[i] = ((const uint8_t *)from)[i];
+    return to;
+}
+void *memset(void *to, int value, unsigned long length) {
+    for (unsigned long i = 0; i < length; i++) ((uint8_t *)to)[i] = (uint8_t)value;
+    return to;
+}
+
+static inline uint64_t rdtsc(void) {
+    uint32_t low, high;
+    __asm__ __volatile__("lfence; rdtsc" : "=a"(low), "=d"(high) :: "memory");
+    return ((uint64_t)high << 32) | low;
+}
+
+static inline void port_out32(uint16_t port, uint32_t value) {
+    __asm__ __volatile__("outl %0, %1" : : "a"(value), "Nd"(port) : "memory");
+}
+
+static void report(uint32_t value) { port_out32(GUEST_PORT_RESULT, value); }
+
+static void report64(uint64_t value) {
+    report((uint32_t)value);
+    report((uint32_t)(value >> 32));
+}
+
+static uint32_t sequence;
+
+static uint32_t call(volatile uint8_t *slot, uint32_t features, uint32_t procedure, const void *arguments,
+                     uint32_t length, void *results, uint32_t capacity) {
+    uint32_t this_sequence = ++sequence;
+    if (rtv_vmrpc_write_request(slot, procedure, this_sequence, features, arguments, length) != 0)
+        return RTV_VMRPC_BAD_ARGUMENT_LENGTH;
+    rtv_vmrpc_ring_port(GUEST_PORT_DOORBELL);
+    uint32_t status = rtv_vmrpc_response_status(slot, this_sequence);
+    if (results && capacity) rtv_vmrpc_read_results(slot, results, capacity);
+    return status;
+}
+
+/* null; clock.read; then poll for reverse calls and answer them until STOP.
+ * Reports: null status, clock.read status, host_monotonic_ns, guest_tsc, tsc_hz, and for each
+ * served call its procedure; exits 0, or the first unexpected status + 0x100. */
+static uint32_t rpc_demo(volatile uint8_t *slot) {
+    report(call(slot, 0, RTV_VMRPC_PROC_NULL, 0, 0, 0, 0));
+    struct rtv_vmrpc_clock_reading clock;
+    uint32_t status = call(slot, 0, RTV_VMRPC_PROC_CLOCK_READ, 0, 0, &clock, sizeof(clock));
+    report(status);
+    report64(clock.host_monotonic_ns);
+    report64(clock.guest_tsc);
+    report64(clock.tsc_hz);
+    report64(rdtsc());
+    for (int round = 0; round < 1000; round++) {
+        uint64_t timeout = 1000000000ull;
+        uint8_t results[64];
+        status = call(slot, RTV_VMRPC_FEATURE_REVERSE_CALLS, RTV_VMRPC_PROC_POLL, &timeout, 8, results, sizeof(results));
+        if (status == RTV_VMRPC_TIMED_OUT) continue;
+        if (status != RTV_VMRPC_OK) return 0x100 + status;
+        struct rtv_vmrpc_delivery delivery;
+        memcpy(&delivery, results, sizeof(delivery));
+        report(delivery.procedure);
+        struct { struct rtv_vmrpc_reply header; uint32_t value; } reply;
+        reply.header.call_id = delivery.call_id;
+        reply.header.status = 0;
+        reply.header.payload_length = 0;
+        if (delivery.procedure == GUEST_REVERSE_ADD && delivery.payload_length == 8) {
+            uint32_t a, b;
+            memcpy(&a, results + sizeof(delivery), 4);
+            memcpy(&b, results + sizeof(delivery) + 4, 4);
+            reply.value = a + b;
+            reply.header.payload_length = 4;
+        } else if (delivery.procedure != GUEST_REVERSE_STOP) {
+            reply.header.status = 1; /* unknown request */
+        }
+        status = call(slot, RTV_VMRPC_FEATURE_REVERSE_CALLS, RTV_VMRPC_PROC_REPLY, &reply,
+                      sizeof(reply.header) + reply.header.payload_length, 0, 0);
+        if (status != RTV_VMRPC_OK) return 0x100 + status;
+        if (delivery.procedure == GUEST_REVERSE_STOP) return 0;
+    }
+    return 0x1FF;
+}
+
+/* `pairs` rounds of: a bare exit (out to a port the host ignores), then a null call. The
+ * cycles of each go to data[2i] and data[2i + 1]. Exits 0, or 0x100 + a failed call's status. */
+static uint32_t rpc_bench(volatile uint8_t *slot, uint64_t pairs, uint64_t *data) {
+    uint64_t capacity = GUEST_DATA_SIZE / 16;
+    if (pairs > capacity) pairs = capacity;
+    for (uint64_t i = 0; i < pairs; i++) {
+        uint64_t start = rdtsc();
+        port_out32(GUEST_PORT_BARE, 0);
+        uint64_t middle = rdtsc();
+        uint32_t status = call(slot, 0, RTV_VMRPC_PROC_NULL, 0, 0, 0, 0);
+        uint64_t end = rdtsc();
+        if (status != RTV_VMRPC_OK) return 0x100 + status;
+        data[2 * i] = middle - start;
+        data[2 * i + 1] = end - middle;
+    }
+    return 0;
+}
+
+uint32_t guest_c_main(uint64_t mode, uint64_t arg0, uint64_t arg1, uint8_t *slot, uint64_t *data) {
+    (void)arg1;
+    switch (mode) {
+    case GUEST_MODE_RPC_DEMO: return rpc_demo(slot);
+    case GUEST_MODE_RPC_BENCH: return rpc_bench(slot, arg0, data);
+    default: return GUEST_STATUS_BAD_MODE;
+    }
+}

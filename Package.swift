@@ -59,6 +59,10 @@ let package = Package(
         ),
         .target(name: "RTVirtTesting", dependencies: ["RTVirtCore"]),
 
+        // MARK: Fuzzing of the VMRPC server (Docs/Fuzzing.md)
+        .target(name: "VMRPCFuzzHarness", dependencies: ["VMRPC", "RTVirtTesting", "RTVirtCore"]),
+        .executableTarget(name: "VMRPCFuzzer", dependencies: ["VMRPCFuzzHarness"]),
+
         // MARK: The bundled guest, built from Guest/ by a build-tool plugin
         .executableTarget(name: "GuestImageEmbedder", path: "Plugins/GuestImageEmbedder"),
         .plugin(
@@ -88,7 +92,11 @@ let package = Package(
             name: "KVMBackendTests",
             dependencies: ["KVMBackend", "RTVirtCore", "RTVirtTesting", "RTVirtGuestImage"]
         ),
-        .testTarget(name: "VMRPCTests", dependencies: ["VMRPC", "RTVirtTesting", "CVMRPCGuest"]),
+        .testTarget(
+            name: "VMRPCTests",
+            dependencies: ["VMRPC", "RTVirtTesting", "CVMRPCGuest", "VMRPCFuzzHarness"],
+            exclude: ["FuzzCorpus"]
+        ),
         .testTarget(name: "CgroupSchedulerTests", dependencies: ["CgroupScheduler"]),
         .testTarget(name: "RTVirtTestingTests", dependencies: ["RTVirtTesting"]),
     ],

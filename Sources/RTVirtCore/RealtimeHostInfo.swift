@@ -42,13 +42,11 @@ public struct RealtimeHostInfo: Codable, Equatable, Sendable {
     /// Inspects the host through `files` (the real `/` by default) and a scratch thread.
     public static func inspect(files: HostFiles = HostFiles()) -> RealtimeHostInfo {
         let probe = RealtimeSchedulingProbe.tryFIFO()
-        var limit = rlimit()
-        getrlimit(__rlimit_resource_t(UInt32(rtv_rlimit_rtprio())), &limit)
         let online = files.readLine("/sys/devices/system/cpu/online") ?? ""
         let flags = cpuFlags(cpuinfo: files.read("/proc/cpuinfo") ?? "")
         return RealtimeHostInfo(
             fifoPermitted: probe.permitted, fifoError: probe.error,
-            rtprioLimit: limit.rlim_cur == rlim_t.max ? nil : UInt64(limit.rlim_cur), // RLIM_INFINITY is all ones
+            rtprioLimit: ThreadScheduling.rtprioLimit(),
             effectiveUserID: geteuid(),
             schedRTRuntimeMicroseconds: files.readInteger("/proc/sys/kernel/sched_rt_runtime_us"),
             schedRTPeriodMicroseconds: files.readInteger("/proc/sys/kernel/sched_rt_period_us"),

@@ -16,6 +16,21 @@ long rtv_get_timer_slack(void);
 int rtv_set_thread_name(const char *name);
 /// The RLIMIT_RTPRIO resource number (a macro over an enum that Swift does not import).
 int rtv_rlimit_rtprio(void);
+/// sched_setaffinity(tid, cpus[0..count)). Returns 0 or an errno value.
+int rtv_set_affinity(pid_t tid, const int *cpus, int count);
+/// sched_getaffinity(tid): writes up to `capacity` CPU numbers to `cpus`; returns how many or -errno.
+int rtv_get_affinity(pid_t tid, int *cpus, int capacity);
+/// sched_setattr(tid) for SCHED_DEADLINE with runtime/deadline/period in ns. Returns 0 or errno.
+int rtv_set_deadline(pid_t tid, uint64_t runtime, uint64_t deadline, uint64_t period);
+/// sched_getattr(tid): policy and (for SCHED_DEADLINE) the runtime; returns 0 or errno.
+int rtv_get_deadline(pid_t tid, uint32_t *policy, uint64_t *runtime, uint64_t *deadline, uint64_t *period);
+/// SCHED_DEADLINE's policy number.
+int rtv_sched_deadline(void);
+/// mlockall(MCL_CURRENT | MCL_FUTURE). Returns 0 or errno.
+int rtv_mlockall(void);
+/// munlockall(). Returns 0 or errno.
+int rtv_munlockall(void);
+
 struct pollfd;
 /// A non-blocking, close-on-exec eventfd. Returns the descriptor or -1 (errno set).
 int rtv_eventfd(void);

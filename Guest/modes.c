@@ -39,19 +39,22 @@ static uint32_t call(volatile uint8_t *slot, uint32_t features, uint32_t procedu
     uint32_t this_sequence = ++sequence;
     if (rtv_vmrpc_write_request(slot, procedure, this_sequence, features, arguments, length) != 0)
         return RTV_VMRPC_BAD_ARGUMENT_LENGTH;
-    rtv_vmrpc_ring_port(GUEST_PORT_DOORBELL);
+    if (features & RTV_VMRPC_FEATURE_MMIO_DOORBELL)
+        rtv_vmrpc_ring_mmio((volatile uint32_t *)GUEST_MMIO_DOORBELL);
+    else
+        rtv_vmrpc_ring_port(GUEST_PORT_DOORBELL);
     uint32_t status = rtv_vmrpc_response_status(slot, this_sequence);
     if (results && capacity) rtv_vmrpc_read_results(slot, results, capacity);
     return status;
 }
 
-/* null; clock.read; then poll for reverse calls and answer them until STOP.
+/* null (port doorbell); clock.read (MMIO doorbell); then poll for reverse calls and answer them until STOP.
  * Reports: null status, clock.read status, host_monotonic_ns, guest_tsc, tsc_hz, and for each
  * served call its procedure; exits 0, or the first unexpected status + 0x100. */
 static uint32_t rpc_demo(volatile uint8_t *slot) {
     report(call(slot, 0, RTV_VMRPC_PROC_NULL, 0, 0, 0, 0));
     struct rtv_vmrpc_clock_reading clock;
-    uint32_t status = call(slot, 0, RTV_VMRPC_PROC_CLOCK_READ, 0, 0, &clock, sizeof(clock));
+    uint32_t status = call(slot, RTV_VMRPC_FEATURE_MMIO_DOORBELL, RTV_VMRPC_PROC_CLOCK_READ, 0, 0, &clock, sizeof(clock));
     report(status);
     report64(clock.host_monotonic_ns);
     report64(clock.guest_tsc);

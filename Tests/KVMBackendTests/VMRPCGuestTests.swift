@@ -32,7 +32,7 @@ final class VMRPCGuestTests: XCTestCase {
         XCTAssertEqual(reported.count, 2 + 8 + 3, "\(reported)")
         guard reported.count == 13 else { return }
         XCTAssertEqual(reported[0], UInt64(VMRPCStatus.ok.rawValue), "null")
-        XCTAssertEqual(reported[1], UInt64(VMRPCStatus.ok.rawValue), "clock.read")
+        XCTAssertEqual(reported[1], UInt64(VMRPCStatus.ok.rawValue), "clock.read, through the MMIO doorbell")
         let hostNanoseconds = reported[2] | reported[3] << 32
         let guestTSCAtCall = reported[4] | reported[5] << 32
         let tscHz = reported[6] | reported[7] << 32

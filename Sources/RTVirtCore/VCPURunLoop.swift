@@ -43,6 +43,7 @@ public final class VCPURunLoop: Sendable {
     /// Where devices park this vCPU for long polls; a stop cancels such a wait too.
     public let dispatcher: LongPollDispatcher?
     private let stopRequested = Atomic<Bool>(false)
+    private let pendingWork = Mutex<[@Sendable () -> Void]>([])
 
     /// A run loop for `vcpu` over `bus`, whose long polls (if any) go through `dispatcher`.
     public init(vcpu: any VirtualCPU, bus: IOBus, dispatcher: LongPollDispatcher? = nil) {
@@ -56,6 +57,13 @@ public final class VCPURunLoop: Sendable {
     public func requestStop() {
         stopRequested.store(true, ordering: .sequentiallyConsistent)
         dispatcher?.cancel(vcpu: vcpu.id)
+        vcpu.kick()
+    }
+
+    /// Runs `work` on the vCPU's thread at its next exit (the vCPU is kicked so that there is
+    /// one soon; a vCPU parked in a long poll runs it when the poll returns).
+    public func performOnThread(_ work: @escaping @Sendable () -> Void) {
+        pendingWork.withLock { $0.append(work) }
         vcpu.kick()
     }
 
@@ -84,6 +92,7 @@ public final class VCPURunLoop: Sendable {
                     // Re-arm entry first, then re-check the flag at the loop head: a kick
                     // that lands between the two is seen by one or the other.
                     vcpu.acknowledgeKick()
+                    for work in pendingWork.withLock({ work in defer { work.removeAll() }; return work }) { work() }
                 case .halt:
                     return .halted
                 case .shutdown:

@@ -1,0 +1,168 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Synchronization
+
+/// How a vCPU's host thread is scheduled when it runs real-time work.
+public struct RealtimePolicy: Equatable, Sendable {
+    /// When the policy takes effect.
+    public enum Activation: Equatable, Sendable {
+        /// On the vCPU's thread before it first enters the guest.
+        case atStart
+        /// When `RealtimeVCPUScheduler.activate(vcpu:)` is called (at the vCPU's next exit).
+        case onRequest
+    }
+
+    /// Scheduling class and priority (default SCHED_FIFO 50).
+    public var schedulingClass: SchedulingClass
+    /// CPUs to pin the thread to (nil: leave the affinity as it is).
+    public var cpus: CPUSet?
+    /// Timer slack in nanoseconds (nil: leave it). 1 ns is the minimum: Linux treats 0 as
+    /// "reset to the default" (50 µs for SCHED_OTHER threads).
+    public var timerSlackNanoseconds: UInt64?
+    /// Whether to `mlockall` the process (all current and future memory).
+    public var lockMemory: Bool
+    /// When to apply it.
+    public var activation: Activation
+
+    /// A policy; the defaults are SCHED_FIFO 50, timer slack 1 ns, applied at start.
+    public init(schedulingClass: SchedulingClass = .fifo(priority: 50), cpus: CPUSet? = nil,
+                timerSlackNanoseconds: UInt64? = 1, lockMemory: Bool = false, activation: Activation = .atStart) {
+        self.schedulingClass = schedulingClass
+        self.cpus = cpus
+        self.timerSlackNanoseconds = timerSlackNanoseconds
+        self.lockMemory = lockMemory
+        self.activation = activation
+    }
+}
+
+/// Places real-time threads in a CPU partition (for example a cgroup with an RT budget).
+/// `CgroupScheduler` implements it; a VMM with its own cgroup manager can plug in its own.
+public protocol CPUPartitionAssigner: Sendable {
+    /// Moves thread `threadID` into the real-time partition.
+    func assignRealtimeThread(_ threadID: pid_t) throws
+    /// Moves thread `threadID` back out of it.
+    func releaseThread(_ threadID: pid_t) throws
+}
+
+/// A thread's scheduling state, saved so that it can be restored.
+public struct SavedThreadScheduling: Equatable, Sendable {
+    public var threadID: pid_t
+    public var schedulingClass: SchedulingClass
+    public var cpus: CPUSet
+    public var timerSlackNanoseconds: UInt64
+    public var joinedPartition: Bool
+
+    /// Captures the calling thread's state.
+    public static func captureCurrentThread() throws(SchedulingError) -> SavedThreadScheduling {
+        SavedThreadScheduling(threadID: ThreadScheduling.currentThreadID(), schedulingClass: try ThreadScheduling.schedulingClass(),
+                              cpus: try ThreadScheduling.affinity(), timerSlackNanoseconds: ThreadScheduling.timerSlack(),
+                              joinedPartition: false)
+    }
+}
+
+/// Applies a `RealtimePolicy` to the calling thread, in the order that keeps each step in
+/// force: join the partition (a cgroup move can reset affinity), set affinity, then the
+/// scheduling class; timer slack and memory locking last. Restores what it saved.
+public enum RealtimeThreadPolicy {
+    /// Applies `policy` to the calling thread. On failure, undoes what it did and throws.
+    public static func apply(_ policy: RealtimePolicy, partition: (any CPUPartitionAssigner)? = nil) throws -> SavedThreadScheduling {
+        var saved = try SavedThreadScheduling.captureCurrentThread()
+        do {
+            if let partition {
+                try partition.assignRealtimeThread(saved.threadID)
+                saved.joinedPartition = true
+            }
+            if let cpus = policy.cpus { try ThreadScheduling.setAffinity(cpus) }
+            try ThreadScheduling.setSchedulingClass(policy.schedulingClass)
+            if let slack = policy.timerSlackNanoseconds { try ThreadScheduling.setTimerSlack(max(slack, 1)) }
+            if policy.lockMemory { try ThreadScheduling.lockAllMemory() }
+        } catch {
+            restore(saved, partition: partition)
+            throw error
+        }
+        return saved
+    }
+
+    /// Restores the calling thread to `saved` (best effort: every step is tried).
+    public static func restore(_ saved: SavedThreadScheduling, partition: (any CPUPartitionAssigner)? = nil) {
+        try? ThreadScheduling.setSchedulingClass(saved.schedulingClass)
+        try? ThreadScheduling.setTimerSlack(max(saved.timerSlackNanoseconds, 1))
+        if saved.joinedPartition { try? partition?.releaseThread(saved.threadID) }
+        try? ThreadScheduling.setAffinity(saved.cpus)
+    }
+}
+
+/// Real-time policies for the vCPUs of one VM: gives `VirtualMachineRunner` the hooks that
+/// apply each vCPU's policy on its own thread and restore the thread when it stops. vCPUs
+/// without a policy are left alone.
+public final class RealtimeVCPUScheduler: Sendable {
+    /// What happened to one vCPU's thread.
+    public enum Status: Equatable, Sendable {
+        /// No policy for this vCPU.
+        case untouched
+        /// The policy waits for `activate(vcpu:)`.
+        case pending
+        /// Applied to thread `threadID`.
+        case applied(threadID: pid_t)
+        /// Applying failed; the thread runs with its previous scheduling.
+        case failed(String)
+        /// The thread stopped and was restored.
+        case restored
+    }
+
+    private let policies: [Int: RealtimePolicy]
+    private let partition: (any CPUPartitionAssigner)?
+    private struct VCPUState {
+        var status: Status
+        var saved: SavedThreadScheduling?
+    }
+    private let states: Mutex<[Int: VCPUState]>
+    private let loops = Mutex<[Int: VCPURunLoop]>([:])
+
+    /// Policies by vCPU id, and an optional partition real-time threads join.
+    public init(policies: [Int: RealtimePolicy], partition: (any CPUPartitionAssigner)? = nil) {
+        self.policies = policies
+        self.partition = partition
+        states = Mutex(policies.mapValues { VCPUState(status: $0.activation == .atStart ? .untouched : .pending, saved: nil) })
+    }
+
+    /// The status of `vcpu`'s thread.
+    public func status(vcpu: Int) -> Status { states.withLock { $0[vcpu]?.status ?? .untouched } }
+
+    /// For `VirtualMachineRunner(onThreadStart:)`.
+    public func threadStarted(_ vcpu: any VirtualCPU) {
+        guard let policy = policies[vcpu.id], policy.activation == .atStart else { return }
+        applyOnCurrentThread(vcpu: vcpu.id, policy: policy)
+    }
+
+    /// For `VirtualMachineRunner(onThreadEnd:)`.
+    public func threadEnded(_ vcpu: any VirtualCPU) {
+        let saved = states.withLock { states -> SavedThreadScheduling? in
+            guard let saved = states[vcpu.id]?.saved else { return nil }
+            states[vcpu.id] = VCPUState(status: .restored, saved: nil)
+            return saved
+        }
+        if let saved { RealtimeThreadPolicy.restore(saved, partition: partition) }
+    }
+
+    /// Lets a deferred policy be activated: call with the runner's loops once it started.
+    public func attach(_ runner: VirtualMachineRunner) {
+        loops.withLock { loops in for loop in runner.loops { loops[loop.vcpu.id] = loop } }
+    }
+
+    /// Applies `vcpu`'s deferred policy on its thread at its next exit (the vCPU is kicked).
+    public func activate(vcpu: Int) {
+        guard let policy = policies[vcpu], let loop = loops.withLock({ $0[vcpu] }) else { return }
+        loop.performOnThread { [self] in applyOnCurrentThread(vcpu: vcpu, policy: policy) }
+    }
+
+    private func applyOnCurrentThread(vcpu: Int, policy: RealtimePolicy) {
+        do {
+            let saved = try RealtimeThreadPolicy.apply(policy, partition: partition)
+            states.withLock { $0[vcpu] = VCPUState(status: .applied(threadID: saved.threadID), saved: saved) }
+        } catch {
+            states.withLock { $0[vcpu] = VCPUState(status: .failed("\(error)"), saved: nil) }
+        }
+    }
+}

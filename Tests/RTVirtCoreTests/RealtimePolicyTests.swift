@@ -1,0 +1,110 @@
+import RTVirtCore
+import RTVirtTesting
+import Synchronization
+import XCTest
+
+/// Skips unless this process may use real-time scheduling.
+func requireRealtimeOrSkip() throws {
+    guard RealtimeSchedulingProbe.tryFIFO().permitted else {
+        throw XCTSkip("real-time scheduling test skipped: SCHED_FIFO is not permitted here (needs root, CAP_SYS_NICE or RLIMIT_RTPRIO)")
+    }
+}
+
+final class RealtimePolicyTests: XCTestCase {
+    func testPolicyIsVisibleFromOutsideTheThreadAndRestored() throws {
+        try requireRealtimeOrSkip()
+        let onlineCPUs = try ThreadScheduling.affinity()
+        let pin = CPUSet([onlineCPUs.cpus.last!])
+        let phase = ConditionLock(0)
+        let thread = try HostThread(name: "rt-policy") {
+            let saved = try? RealtimeThreadPolicy.apply(RealtimePolicy(schedulingClass: .fifo(priority: 42), cpus: pin))
+            phase.withLockAndBroadcast { $0 = 1 }
+            phase.wait(until: { $0 == 2 }) { _, _ in }
+            if let saved { RealtimeThreadPolicy.restore(saved) }
+            phase.withLockAndBroadcast { $0 = 3 }
+            phase.wait(until: { $0 == 4 }) { _, _ in }
+        }
+        let tid = thread.kernelThreadID
+        phase.wait(until: { $0 == 1 }) { _, _ in }
+        XCTAssertEqual(try ThreadScheduling.schedulingClass(of: tid), .fifo(priority: 42))
+        XCTAssertEqual(try ThreadScheduling.affinity(of: tid), pin)
+        XCTAssertEqual(try ThreadScheduling.schedulingClass(), .other(nice: 0), "the calling thread is untouched")
+        phase.withLockAndBroadcast { $0 = 2 }
+        phase.wait(until: { $0 == 3 }) { _, _ in }
+        XCTAssertEqual(try ThreadScheduling.schedulingClass(of: tid), .other(nice: 0))
+        XCTAssertEqual(try ThreadScheduling.affinity(of: tid), onlineCPUs)
+        phase.withLockAndBroadcast { $0 = 4 }
+        thread.join()
+    }
+
+    func testTimerSlackZeroMeansMinimumNotDefault() throws {
+        let result = Mutex<(UInt64, UInt64)>((0, 0))
+        let thread = try HostThread(name: "slack") {
+            let before = ThreadScheduling.timerSlack()
+            try? ThreadScheduling.setTimerSlack(1)
+            result.withLock { $0 = (before, ThreadScheduling.timerSlack()) }
+        }
+        thread.join()
+        XCTAssertEqual(result.withLock { $0.1 }, 1)
+        XCTAssertGreaterThan(result.withLock { $0.0 }, 1, "SCHED_OTHER threads start with a slack of tens of µs")
+    }
+
+    func testInvalidRequestsAreTypedErrors() {
+        XCTAssertThrowsError(try ThreadScheduling.setSchedulingClass(.fifo(priority: 100))) {
+            guard case .invalid? = $0 as? SchedulingError else { return XCTFail("\($0)") }
+        }
+        XCTAssertThrowsError(try ThreadScheduling.setSchedulingClass(.deadline(runtime: 10, deadline: 5, period: 20))) {
+            guard case .invalid? = $0 as? SchedulingError else { return XCTFail("\($0)") }
+        }
+        XCTAssertThrowsError(try ThreadScheduling.schedulingClass(of: 999_999_999))
+        XCTAssertThrowsError(try ThreadScheduling.setAffinity(CPUSet([100_000])))
+    }
+
+    func testSchedulerAppliesPoliciesOnlyToItsVCPUsAndDefersOnRequest() throws {
+        try requireRealtimeOrSkip()
+        let vm = try MockHypervisor().makeMockVirtualMachine()
+        let cpus = try (0..<3).map { try vm.makeMockVCPU(id: $0) } // never exit: they block until kicked
+        let scheduler = RealtimeVCPUScheduler(policies: [
+            0: RealtimePolicy(schedulingClass: .fifo(priority: 30)),
+            2: RealtimePolicy(schedulingClass: .roundRobin(priority: 20), activation: .onRequest),
+        ])
+        let runner = try VirtualMachineRunner(vcpus: cpus, bus: IOBus(),
+                                              onThreadStart: scheduler.threadStarted, onThreadEnd: scheduler.threadEnded)
+        scheduler.attach(runner)
+        let tids = runner.threads.map(\.kernelThreadID)
+        let deadline = monotonicNanoseconds() + 2_000_000_000
+        while scheduler.status(vcpu: 0) == .untouched && monotonicNanoseconds() < deadline { usleep(1000) }
+        XCTAssertEqual(scheduler.status(vcpu: 0), .applied(threadID: tids[0]))
+        XCTAssertEqual(try ThreadScheduling.schedulingClass(of: tids[0]), .fifo(priority: 30))
+        XCTAssertEqual(try ThreadScheduling.schedulingClass(of: tids[1]), .other(nice: 0), "vCPU 1 has no policy")
+        XCTAssertEqual(scheduler.status(vcpu: 2), .pending)
+        XCTAssertEqual(try ThreadScheduling.schedulingClass(of: tids[2]), .other(nice: 0))
+        scheduler.activate(vcpu: 2)
+        while scheduler.status(vcpu: 2) == .pending && monotonicNanoseconds() < deadline { usleep(1000) }
+        XCTAssertEqual(try ThreadScheduling.schedulingClass(of: tids[2]), .roundRobin(priority: 20))
+        runner.stopAndWait()
+        XCTAssertEqual(scheduler.status(vcpu: 0), .restored)
+        XCTAssertEqual(scheduler.status(vcpu: 2), .restored)
+        XCTAssertEqual(scheduler.status(vcpu: 1), .untouched)
+    }
+
+    func testDeadlineClassRoundTrips() throws {
+        try requireRealtimeOrSkip()
+        let outcome = Mutex<Result<SchedulingClass, SchedulingError>?>(nil)
+        let thread = try HostThread(name: "deadline") {
+            do throws(SchedulingError) {
+                try ThreadScheduling.setSchedulingClass(.deadline(runtime: 100_000, deadline: 1_000_000, period: 1_000_000))
+                outcome.withLock { $0 = .success(try! ThreadScheduling.schedulingClass()) }
+                try ThreadScheduling.setSchedulingClass(.other())
+            } catch {
+                outcome.withLock { $0 = .failure(error) }
+            }
+        }
+        thread.join()
+        switch outcome.withLock({ $0 }) {
+        case .success(let value)?: XCTAssertEqual(value, .deadline(runtime: 100_000, deadline: 1_000_000, period: 1_000_000))
+        case .failure(let error)?: throw XCTSkip("SCHED_DEADLINE not admitted on this host: \(error)")
+        case nil: XCTFail("no outcome")
+        }
+    }
+}

@@ -17,6 +17,8 @@ _start:
     je mode_spin
     cmp $GUEST_MODE_HALT, %rdi
     je mode_halt
+    cmp $GUEST_MODE_CYCLIC_INTERRUPT, %rdi
+    je mode_cyclic_interrupt
     call guest_c_main     /* SysV: rdi mode, rsi, rdx, rcx slot, r8 data; returns the status */
     jmp guest_exit
 
@@ -90,3 +92,84 @@ mode_spin:
 mode_halt:
 1:  hlt
     jmp 1b
+
+/* The conventional timer path (the method of kvm-unit-tests' tscdeadline_latency): x2APIC,
+ * LVT timer in TSC-deadline mode, IA32_TSC_DEADLINE, sti; hlt, and an interrupt handler that
+ * records the TSC. Runs at CPL 0 (hlt and wrmsr need it). RSI = periods, RDX = period in TSC
+ * cycles, R8 = data buffer. Written in assembly to keep the emulated CPL 0 path short. */
+mode_cyclic_interrupt:
+    mov %rdx, %r12                    /* period */
+    mov %rsi, %r13                    /* count */
+    mov %r8, %r14                     /* data */
+    /* IDT gate: 64-bit interrupt gate, kernel code selector, present, DPL 0. */
+    lea timer_interrupt(%rip), %rax
+    mov $(GUEST_IDT_ADDRESS + GUEST_TIMER_VECTOR * 16), %rdi
+    mov %ax, (%rdi)
+    movw $0x08, 2(%rdi)
+    movw $0x8E00, 4(%rdi)
+    shr $16, %rax
+    mov %ax, 6(%rdi)
+    shr $16, %rax
+    mov %eax, 8(%rdi)
+    movl $0, 12(%rdi)
+    /* x2APIC on (IA32_APIC_BASE: enable | x2APIC). */
+    mov $0x1B, %ecx
+    rdmsr
+    or $0xC00, %eax
+    wrmsr
+    /* Spurious-interrupt vector register: APIC software enable (while disabled, every LVT
+     * entry stays masked), spurious vector 0xFF. */
+    mov $0x80F, %ecx
+    mov $0x1FF, %eax
+    xor %edx, %edx
+    wrmsr
+    /* LVT timer: our vector, TSC-deadline mode. */
+    mov $0x832, %ecx
+    mov $(GUEST_TIMER_VECTOR | (2 << 17)), %eax
+    xor %edx, %edx
+    wrmsr
+    rdtsc
+    shl $32, %rdx
+    or %rdx, %rax
+    mov %rax, %r15                    /* deadline */
+    xor %rbx, %rbx                    /* i */
+1:  cmp %r13, %rbx
+    jae 2f
+    add %r12, %r15
+    mov %r15, %rax
+    mov %r15, %rdx
+    shr $32, %rdx
+    mov $0x6E0, %ecx                  /* IA32_TSC_DEADLINE */
+    wrmsr
+    sti
+    hlt
+    cli
+    mov timer_tsc(%rip), %rax
+    sub %r15, %rax
+    mov %rax, (%r14, %rbx, 8)
+    inc %rbx
+    jmp 1b
+2:  xor %eax, %eax
+    jmp guest_exit
+
+timer_interrupt:
+    push %rax
+    push %rdx
+    push %rcx
+    rdtsc
+    shl $32, %rdx
+    or %rdx, %rax
+    mov %rax, timer_tsc(%rip)
+    mov $0x80B, %ecx                  /* x2APIC EOI */
+    xor %eax, %eax
+    xor %edx, %edx
+    wrmsr
+    pop %rcx
+    pop %rdx
+    pop %rax
+    iretq
+
+    .data
+    .balign 8
+timer_tsc:
+    .quad 0

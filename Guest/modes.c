@@ -108,11 +108,28 @@ static uint32_t rpc_bench(volatile uint8_t *slot, uint64_t pairs, uint64_t *data
     return 0;
 }
 
+/* Each period: timer.sleepUntil(start + (i + 1) * period), then data[i] = TSC at resume - deadline.
+ * Exits 0, or 0x100 + the status of a failed sleep (cancelled when the host stops the guest). */
+static uint32_t cyclic_longpoll(volatile uint8_t *slot, uint64_t count, uint64_t period, int64_t *data) {
+    uint64_t capacity = GUEST_DATA_SIZE / 8;
+    if (count > capacity) count = capacity;
+    uint64_t deadline = rdtsc();
+    for (uint64_t i = 0; i < count; i++) {
+        deadline += period;
+        uint64_t wake;
+        uint32_t status = call(slot, 0, RTV_VMRPC_PROC_SLEEP_UNTIL, &deadline, 8, &wake, 8);
+        uint64_t now = rdtsc();
+        if (status != RTV_VMRPC_OK) return 0x100 + status;
+        data[i] = (int64_t)(now - deadline);
+    }
+    return 0;
+}
+
 uint32_t guest_c_main(uint64_t mode, uint64_t arg0, uint64_t arg1, uint8_t *slot, uint64_t *data) {
-    (void)arg1;
     switch (mode) {
     case GUEST_MODE_RPC_DEMO: return rpc_demo(slot);
     case GUEST_MODE_RPC_BENCH: return rpc_bench(slot, arg0, data);
+    case GUEST_MODE_CYCLIC_LONGPOLL: return cyclic_longpoll(slot, arg0, arg1, (int64_t *)data);
     default: return GUEST_STATUS_BAD_MODE;
     }
 }

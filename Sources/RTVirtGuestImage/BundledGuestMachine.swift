@@ -15,7 +15,7 @@ public struct BundledGuestVCPU: Sendable {
     public init(mode: BundledGuestMode, arguments: (UInt64, UInt64) = (0, 0), privilege: X86StartPrivilege? = nil) {
         self.mode = mode
         self.arguments = arguments
-        self.privilege = privilege ?? (mode == .halt ? .kernel : .userWithIOPrivilege)
+        self.privilege = privilege ?? ([.halt, .cyclicInterrupt].contains(mode) ? .kernel : .userWithIOPrivilege)
     }
 }
 
@@ -43,13 +43,16 @@ public final class BundledGuestMachine: Sendable {
     /// Builds the VM. `vcpus[i]` becomes vCPU id `i`.
     /// - Throws: `BundledGuestError.tooManyVCPUs` beyond `GuestLayout.maximumVCPUs`, or the
     ///   KVM and memory errors of the steps.
+    /// - Parameter interruptController: create the in-kernel PIC, IOAPIC and LAPICs (needed by
+    ///   `.cyclicInterrupt`; then `hlt` no longer exits to the VMM).
     public init(system: KVMSystem, vcpus configurations: [BundledGuestVCPU],
-                memorySize: UInt64 = BundledGuestMachine.defaultMemorySize) throws {
+                memorySize: UInt64 = BundledGuestMachine.defaultMemorySize, interruptController: Bool = false) throws {
         guard (1...GuestLayout.maximumVCPUs).contains(configurations.count) else {
             throw BundledGuestError.tooManyVCPUs(requested: configurations.count, maximum: GuestLayout.maximumVCPUs)
         }
         let vm = try system.makeKVMVirtualMachine()
         try vm.addKVMMemory(at: GuestAddress(0), size: memorySize)
+        if interruptController { try vm.createInterruptController() }
         let layout = X86LongModeLayout(
             gdt: GuestLayout.gdtAddress, tss: GuestLayout.tssAddress, idt: GuestLayout.idtAddress,
             pageTables: GuestLayout.pageTableAddress, kernelStackTop: GuestLayout.kernelStackTop)
@@ -105,6 +108,11 @@ public final class BundledGuestMachine: Sendable {
         try bus.register(doorbell, space: .mmio, base: GuestLayout.mmioDoorbellAddress.rawValue, length: 4)
         try bus.register(IgnoredPort(), space: .port, base: UInt64(GuestLayout.bareExitPort), length: 1)
         return bus
+    }
+
+    /// Copies `count` signed values out of vCPU `id`'s data buffer.
+    public func readSignedData(ofVCPU id: Int, count: Int) throws -> [Int64] {
+        try readData(ofVCPU: id, count: count).map { Int64(bitPattern: $0) }
     }
 
     /// Copies `count` u64 values out of vCPU `id`'s data buffer.

@@ -28,6 +28,12 @@ public enum BundledGuestMode: UInt64, Sendable, CaseIterable {
     case rpcDemo = 6
     /// RSI pairs of (bare exit, `null` call), the TSC cycles of each into the data buffer.
     case rpcBench = 7
+    /// RSI periods of RDX TSC cycles waiting with VMRPC `timer.sleepUntil` at CPL 3; the
+    /// lateness of each resume (TSC − deadline, signed) into the data buffer.
+    case cyclicLongPoll = 8
+    /// The same with the LAPIC TSC-deadline timer and `sti; hlt` at CPL 0 (needs the
+    /// in-kernel irqchip).
+    case cyclicInterrupt = 9
 
     /// The LCG multiplier and increment the `compute` mode uses.
     public static let lcgMultiplier: UInt64 = 6_364_136_223_846_793_005
@@ -73,6 +79,8 @@ public enum GuestLayout {
     public static let inputPort: UInt16 = 0x512
     public static let doorbellPort: UInt16 = 0x518
     public static let bareExitPort: UInt16 = 0x519
+    /// The interrupt vector of the cyclic-interrupt mode's timer.
+    public static let timerVector: UInt64 = 0xEC
     /// Reverse-call procedure of the rpc-demo guest: payload two u32, reply their sum.
     public static let reverseAdd: UInt32 = 1
     /// Reverse-call procedure of the rpc-demo guest: reply, then exit.

@@ -1,0 +1,47 @@
+import KVMBackend
+import RTVirtCore
+import RTVirtGuestImage
+import VMRPC
+import XCTest
+
+/// The cyclic guest modes on real KVM, short runs. Latency targets are checked by
+/// `rtvirt cyclictest`, not here; these tests check that each path works and what it records.
+final class CyclicGuestTests: XCTestCase {
+    func testLongPollCyclicGuestSleepsEachPeriod() throws {
+        let kvm = try openKVMOrSkip()
+        let periods = 200
+        let probe = try BundledGuestMachine(system: kvm, vcpus: [BundledGuestVCPU(mode: .spin)])
+        let period = probe.tscMappings[0].frequencyHz / 1000 // 1 ms
+        let machine = try BundledGuestMachine(system: kvm, vcpus: [BundledGuestVCPU(mode: .cyclicLongPoll, arguments: (UInt64(periods), period))])
+        let strategy = DeadlineTimerStrategy()
+        let dispatcher = try LongPollDispatcher(vcpuCount: 1, timerStrategy: strategy)
+        let server = try machine.makeVMRPCServer(dispatcher: dispatcher)
+        let start = monotonicNanoseconds()
+        let runner = try machine.start(bus: machine.makeBus(server: server), dispatcher: dispatcher)
+        XCTAssertEqual(runner.waitForAll(timeoutNanoseconds: 30_000_000_000), [.guestRequested(status: 0)])
+        let elapsed = Double(monotonicNanoseconds() - start) / 1e6
+        XCTAssertGreaterThan(elapsed, Double(periods) * 0.95, "the guest really waited \(periods) periods of 1 ms")
+        let lateness = try machine.readSignedData(ofVCPU: 0, count: periods)
+        XCTAssertTrue(lateness.allSatisfy { $0 >= 0 }, "the guest never resumes before its deadline")
+        XCTAssertEqual(server.statistics(vcpu: 0)?.parkedCalls, UInt64(periods))
+        XCTAssertGreaterThan(strategy.statistics.timedWakes, 0)
+        server.shutdown()
+    }
+
+    func testInterruptCyclicGuestTakesTimerInterrupts() throws {
+        let kvm = try openKVMOrSkip()
+        let periods = 100
+        let machine = try BundledGuestMachine(system: kvm, vcpus: [BundledGuestVCPU(mode: .cyclicInterrupt, arguments: (UInt64(periods), 0))],
+                                              interruptController: true)
+        var registers = try machine.vcpus[0].registers()
+        registers.rdx = machine.tscMappings[0].frequencyHz / 1000
+        try machine.vcpus[0].setRegisters(registers)
+        let start = monotonicNanoseconds()
+        let runner = try machine.start()
+        XCTAssertEqual(runner.waitForAll(timeoutNanoseconds: 60_000_000_000), [.guestRequested(status: 0)])
+        let elapsed = Double(monotonicNanoseconds() - start) / 1e6
+        XCTAssertGreaterThan(elapsed, Double(periods) * 0.95)
+        let lateness = try machine.readSignedData(ofVCPU: 0, count: periods)
+        XCTAssertTrue(lateness.allSatisfy { $0 >= 0 }, "interrupts never arrive before the deadline")
+    }
+}

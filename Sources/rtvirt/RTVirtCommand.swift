@@ -6,6 +6,6 @@ struct RTVirtCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "rtvirt",
         abstract: "Real-time behaviour for KVM virtual machines: run the bundled guest, check a host.",
-        subcommands: [RunCommand.self, CheckCommand.self, RPCBenchCommand.self],
-        defaultSubcommand: RunCommand.self)
+        subcommands: [CyclicTestCommand.self, RunCommand.self, CheckCommand.self, RPCBenchCommand.self],
+        defaultSubcommand: CyclicTestCommand.self)
 }

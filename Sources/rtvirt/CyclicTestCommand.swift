@@ -12,6 +12,7 @@ struct CyclicTestReport: Codable {
     var policy: String
     var cpu: Int
     var load: Bool
+    var cpuDMALatencyHeld: Bool
     var paths: [CyclicPathResult]
 }
 
@@ -45,6 +46,9 @@ struct CyclicTestCommand: ParsableCommand {
     @Flag(help: "Keep every other CPU busy with a CPU hog while measuring.")
     var load = false
 
+    @Flag(help: "Do not hold /dev/cpu_dma_latency at 0 while measuring (cyclictest holds it; idle states then add latency).")
+    var noDMALatency = false
+
     @Option(help: "Write an SVG plot of the latency distributions to this file.")
     var plot: String?
 
@@ -75,10 +79,15 @@ struct CyclicTestCommand: ParsableCommand {
         }
         if !json {
             print("rtvirt cyclictest: \(periods) periods of \(interval) µs per path, \(policy.schedulingClass) on CPU \(measuringCPU)"
-                  + (load ? ", CPU hogs on the other CPUs" : ""))
+                  + (load ? ", CPU hogs on the other CPUs" : "") + (noDMALatency ? "" : ", /dev/cpu_dma_latency held at 0"))
             print("KVM backend: \(module.rawValue) — \(module.implication)")
         }
         var results: [CyclicPathResult] = []
+        let latencyRequest = noDMALatency ? nil : try? CPUDMALatencyRequest(microseconds: 0)
+        defer { withExtendedLifetime(latencyRequest) {} }
+        if !json, !noDMALatency, latencyRequest == nil {
+            print("note: could not hold /dev/cpu_dma_latency at 0; idle-state exits add to every path")
+        }
         let hogs = load ? try CPULoad(cpus: CPUSet(online.cpus.filter { $0 != measuringCPU })) : nil
         defer { hogs?.finish() }
         do {
@@ -92,7 +101,8 @@ struct CyclicTestCommand: ParsableCommand {
         if !json { FileHandle.standardError.write(Data("\r".utf8 + Array(repeating: UInt8(ascii: " "), count: 40) + "\r".utf8)) }
         if let plot { try CyclicPlot.svg(results, intervalMicroseconds: interval).write(toFile: plot, atomically: true, encoding: .utf8) }
         let report = CyclicTestReport(kvmModule: module.rawValue, nested: module == .pvm, intervalUs: interval,
-                                      policy: policy.schedulingClass.description, cpu: measuringCPU, load: load, paths: results)
+                                      policy: policy.schedulingClass.description, cpu: measuringCPU, load: load,
+                                      cpuDMALatencyHeld: latencyRequest != nil, paths: results)
         if json {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]

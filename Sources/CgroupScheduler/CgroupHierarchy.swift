@@ -20,6 +20,11 @@ public struct CgroupMount: Codable, Equatable, Sendable {
     public var version: Int
     /// Controllers: for v1 the mount options naming controllers; for v2 `cgroup.controllers`.
     public var controllers: [String]
+
+    /// A mount.
+    public init(path: String, version: Int, controllers: [String]) {
+        self.path = path; self.version = version; self.controllers = controllers
+    }
 }
 
 /// The host's cgroup hierarchies, read from `/proc/self/mountinfo`.
@@ -31,6 +36,11 @@ public struct CgroupHierarchy: Codable, Equatable, Sendable {
     /// Whether real-time group scheduling is available: the v1 `cpu` controller has
     /// `cpu.rt_runtime_us` (v2 has no RT budget).
     public var rtGroupScheduling: Bool
+
+    /// A hierarchy description.
+    public init(layout: CgroupLayout, mounts: [CgroupMount], rtGroupScheduling: Bool) {
+        self.layout = layout; self.mounts = mounts; self.rtGroupScheduling = rtGroupScheduling
+    }
 
     /// The v1 mount that carries `controller`, if any.
     public func v1Mount(for controller: String) -> CgroupMount? {

@@ -1,0 +1,133 @@
+import CgroupScheduler
+import Foundation
+import RTVirtCore
+import XCTest
+
+/// Skips unless this host has cgroup v1 cpuset and cpu with RT group scheduling, and we are root.
+func realHierarchyOrSkip() throws -> CgroupHierarchy {
+    let hierarchy = CgroupHierarchy.detect()
+    guard geteuid() == 0 else { throw XCTSkip("real-cgroup test skipped: needs root to create cgroups") }
+    guard hierarchy.v1Mount(for: "cpuset") != nil, hierarchy.v1Mount(for: "cpu") != nil, hierarchy.rtGroupScheduling else {
+        throw XCTSkip("real-cgroup test skipped: no cgroup v1 cpuset + cpu with cpu.rt_runtime_us here (layout \(hierarchy.layout))")
+    }
+    return hierarchy
+}
+
+final class PartitionPlanTests: XCTestCase {
+    let online = CPUSet([0, 1, 2, 3])
+
+    func testBudgetParsing() {
+        XCTAssertEqual(RTBudget(parsing: "500ms/1s"), RTBudget(runtimeMicroseconds: 500_000, periodMicroseconds: 1_000_000))
+        XCTAssertEqual(RTBudget(parsing: "50ms/100ms")?.fraction, 0.5)
+        XCTAssertEqual(RTBudget(parsing: "950000us/1000000us")?.runtimeMicroseconds, 950_000)
+        for bad in ["", "5", "5ms", "a/b", "-1ms/1s", "1ms/1s/1s", "1h/1s"] { XCTAssertNil(RTBudget(parsing: bad), bad) }
+    }
+
+    func testValidation() {
+        func plan(_ rt: CPUSet, _ hk: CPUSet, _ budget: String = "50ms/100ms", name: String = "vm", node: Int? = nil) -> PartitionPlan {
+            PartitionPlan(name: name, realtimeCPUs: rt, housekeepingCPUs: hk, budget: RTBudget(parsing: budget)!, memoryNode: node)
+        }
+        func error(_ plan: PartitionPlan, available: Double = 0.95) -> PartitionPlanError? {
+            do { try plan.validate(onlineCPUs: online, nodeCount: 1, availableRTFraction: available); return nil } catch { return error }
+        }
+        XCTAssertNil(error(plan([1], [0])))
+        XCTAssertEqual(error(plan([], [0])), .emptyCPUSet(which: "real-time"))
+        XCTAssertEqual(error(plan([1], [])), .emptyCPUSet(which: "housekeeping"))
+        XCTAssertEqual(error(plan([1, 7], [0])), .cpusNotOnline(which: "real-time", cpus: [1, 7], online: online))
+        XCTAssertEqual(error(plan([1, 2], [2, 3])), .overlappingCPUSets([2]))
+        XCTAssertEqual(error(plan([1], [0], "0ms/1s")), .invalidBudget(RTBudget(runtimeMicroseconds: 0, periodMicroseconds: 1_000_000)))
+        XCTAssertEqual(error(plan([1], [0], "2s/1s")), .invalidBudget(RTBudget(runtimeMicroseconds: 2_000_000, periodMicroseconds: 1_000_000)))
+        XCTAssertEqual(error(plan([1], [0], "900ms/1s"), available: 0.5), .budgetExceedsParent(requested: 0.9, available: 0.5))
+        XCTAssertEqual(error(plan([1], [0], name: "../etc")), .invalidName("../etc"))
+        XCTAssertEqual(error(plan([1], [0], name: "")), .invalidName(""))
+        XCTAssertEqual(error(plan([1], [0], node: 3)), .noSuchMemoryNode(3, nodeCount: 1))
+    }
+
+    func testPlannedWritesRaiseParentsFirst() {
+        let plan = PartitionPlan(name: "vm", realtimeCPUs: [1], housekeepingCPUs: [0], budget: RTBudget(parsing: "50ms/100ms")!)
+        let writes = CgroupPartition.plannedWrites(plan, vmGroup: "rtvirt/vm-42", currentParentRuntime: 100_000)
+        let runtimes = writes.filter { $0.file == "cpu.rt_runtime_us" }.map(\.description)
+        XCTAssertEqual(runtimes, ["cpu:/rtvirt/cpu.rt_runtime_us = 600000", "cpu:/rtvirt/vm-42/cpu.rt_runtime_us = 500000",
+                                  "cpu:/rtvirt/vm-42/realtime/cpu.rt_runtime_us = 50000",
+                                  "cpu:/rtvirt/vm-42/housekeeping/cpu.rt_runtime_us = 0"])
+        XCTAssertTrue(writes.allSatisfy { $0.group.hasPrefix("rtvirt") })
+        let realtimePeriod = writes.firstIndex { $0.group.hasSuffix("realtime") && $0.file == "cpu.rt_period_us" }!
+        let realtimeRuntime = writes.firstIndex { $0.group.hasSuffix("realtime") && $0.file == "cpu.rt_runtime_us" }!
+        XCTAssertLessThan(realtimePeriod, realtimeRuntime)
+    }
+}
+
+final class CgroupFileBackendTests: XCTestCase {
+    /// The partition's logic against a temporary directory standing for the mount points.
+    func testCreateRemoveAndReclaimInATemporaryTree() throws {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("rtvirt-cg-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        for controller in ["cpu", "cpuset"] {
+            try FileManager.default.createDirectory(atPath: "\(root)/\(controller)", withIntermediateDirectories: true)
+        }
+        try "950000\n".write(toFile: "\(root)/cpu/cpu.rt_runtime_us", atomically: true, encoding: .utf8)
+        let backend = FileCgroupBackend(mounts: ["cpu": "\(root)/cpu", "cpuset": "\(root)/cpuset"])
+        let hierarchy = CgroupHierarchy(layout: .v1, mounts: [CgroupMount(path: "\(root)/cpu", version: 1, controllers: ["cpu"]),
+                                                              CgroupMount(path: "\(root)/cpuset", version: 1, controllers: ["cpuset"])],
+                                        rtGroupScheduling: true)
+        let plan = PartitionPlan(name: "test", realtimeCPUs: [1], housekeepingCPUs: [0], budget: RTBudget(parsing: "50ms/100ms")!)
+        let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)
+        let group = "\(root)/cpu/\(partition.realtimeGroup)"
+        XCTAssertEqual(try String(contentsOfFile: group + "/cpu.rt_runtime_us", encoding: .utf8), "50000")
+        XCTAssertEqual(try String(contentsOfFile: "\(root)/cpuset/\(partition.housekeepingGroup)/cpuset.cpus", encoding: .utf8), "0")
+        XCTAssertEqual(backend.value(name: "cpu.rt_runtime_us", group: "rtvirt", controller: "cpu"), "500000")
+        XCTAssertEqual(CgroupPartition.leftoverGroups(backend: backend), [], "our own process is alive")
+        XCTAssertEqual(CgroupPartition.leftoverGroups(backend: backend, isAlive: { _ in false }), [partition.vmGroup])
+        partition.remove()
+        XCTAssertFalse(FileManager.default.fileExists(atPath: "\(root)/cpu/rtvirt"), "everything under rtvirt is gone")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: "\(root)/cpu/cpu.rt_runtime_us"), "nothing outside it is touched")
+        XCTAssertThrowsError(try backend.createGroup("../escape", controller: "cpu")) {
+            XCTAssertEqual($0 as? CgroupError, .outsideSubtree("../escape"))
+        }
+        XCTAssertThrowsError(try backend.setValue("1", name: "tasks", group: "", controller: "cpu"))
+    }
+
+    func testV2OnlyHierarchyIsRefusedWithAReason() {
+        let backend = FileCgroupBackend(mounts: [:])
+        let hierarchy = CgroupHierarchy(layout: .v2, mounts: [CgroupMount(path: "/sys/fs/cgroup", version: 2, controllers: ["cpuset", "cpu"])],
+                                        rtGroupScheduling: false)
+        let plan = PartitionPlan(name: "v2", realtimeCPUs: [1], housekeepingCPUs: [0], budget: RTBudget(parsing: "50ms/100ms")!)
+        XCTAssertThrowsError(try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)) {
+            XCTAssertEqual($0 as? CgroupError, .missingController("cpuset"))
+        }
+    }
+}
+
+final class RealCgroupPartitionTests: XCTestCase {
+    func testPartitionOnTheRealHierarchyPlacesThreadsAndCleansUp() throws {
+        let hierarchy = try realHierarchyOrSkip()
+        let backend = try LibcgroupBackend(hierarchy: hierarchy)
+        let online = try ThreadScheduling.affinity()
+        guard online.cpus.count >= 2 else { throw XCTSkip("real-cgroup test skipped: needs 2 CPUs") }
+        let plan = PartitionPlan(name: "unittest", realtimeCPUs: [online.cpus.last!], housekeepingCPUs: [online.cpus.first!],
+                                 budget: RTBudget(parsing: "50ms/100ms")!)
+        let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)
+        defer { partition.remove() }
+        let phase = ConditionLock(0)
+        let thread = try HostThread(name: "in-partition") {
+            phase.wait(until: { $0 == 1 }) { _, _ in }
+        }
+        let tid = thread.kernelThreadID
+        try partition.assignRealtimeThread(tid)
+        let cgroups = try String(contentsOfFile: "/proc/self/task/\(tid)/cgroup", encoding: .utf8)
+        XCTAssertTrue(cgroups.contains("cpu:/\(partition.realtimeGroup)"), cgroups)
+        XCTAssertTrue(cgroups.contains("cpuset:/\(partition.realtimeGroup)"), cgroups)
+        XCTAssertEqual(try ThreadScheduling.affinity(of: tid), plan.realtimeCPUs, "the cpuset confines the thread")
+        try ThreadScheduling.setSchedulingClass(.fifo(priority: 10), of: tid)
+        XCTAssertEqual(try ThreadScheduling.schedulingClass(of: tid), .fifo(priority: 10))
+        try ThreadScheduling.setSchedulingClass(.other(), of: tid)
+        try partition.releaseThread(tid)
+        let after = try String(contentsOfFile: "/proc/self/task/\(tid)/cgroup", encoding: .utf8)
+        XCTAssertFalse(after.contains("rtvirt"), after)
+        phase.withLockAndBroadcast { $0 = 1 }
+        thread.join()
+        let milliseconds = Double(partition.remove()) / 1e6
+        print("partition removed in \(milliseconds) ms")
+        XCTAssertEqual(CgroupPartition.allVMGroups(backend: backend).filter { $0.hasPrefix("rtvirt/unittest-") }, [])
+    }
+}

@@ -99,6 +99,7 @@ let package = Package(
         ),
         .testTarget(name: "CgroupSchedulerTests", dependencies: ["CgroupScheduler"]),
         .testTarget(name: "RTVirtTestingTests", dependencies: ["RTVirtTesting"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["rtvirt", "CgroupScheduler", "KVMBackend", "RTVirtCore"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -73,7 +73,8 @@ public final class CgroupPartition: CPUPartitionAssigner {
         "\(projectSubtree)/\(plan.name)-\(pid)"
     }
 
-    /// Creates the partition. On failure everything created is removed again.
+    /// Creates the partition, first reclaiming partitions left by processes that died. On
+    /// failure everything created is removed again.
     /// - Throws: `CgroupError.noRTGroupScheduling` on hierarchies without `cpu.rt_runtime_us`,
     ///   `.missingController`, or the backend's errors.
     public init(plan: PartitionPlan, hierarchy: CgroupHierarchy, backend: any CgroupBackend) throws(CgroupError) {
@@ -84,6 +85,7 @@ public final class CgroupPartition: CPUPartitionAssigner {
         self.backend = backend
         restorer = FileCgroupBackend(hierarchy: hierarchy)
         vmGroup = Self.vmGroup(for: plan)
+        Self.reclaimLeftovers(backend: backend) // partitions of processes that died
         let parentRuntime = Int64(backend.value(name: "cpu.rt_runtime_us", group: projectSubtree, controller: "cpu") ?? "0") ?? 0
         do {
             for write in Self.plannedWrites(plan, vmGroup: vmGroup, currentParentRuntime: parentRuntime) {

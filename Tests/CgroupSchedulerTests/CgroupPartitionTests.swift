@@ -70,8 +70,13 @@ final class CgroupFileBackendTests: XCTestCase {
         let hierarchy = CgroupHierarchy(layout: .v1, mounts: [CgroupMount(path: "\(root)/cpu", version: 1, controllers: ["cpu"]),
                                                               CgroupMount(path: "\(root)/cpuset", version: 1, controllers: ["cpuset"])],
                                         rtGroupScheduling: true)
+        // A partition left by a process that died (no pid 2^30 exists) is reclaimed at the next start.
+        for controller in ["cpu", "cpuset"] {
+            try FileManager.default.createDirectory(atPath: "\(root)/\(controller)/rtvirt/dead-1073741824/realtime", withIntermediateDirectories: true)
+        }
         let plan = PartitionPlan(name: "test", realtimeCPUs: [1], housekeepingCPUs: [0], budget: RTBudget(parsing: "50ms/100ms")!)
         let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: "\(root)/cpu/rtvirt/dead-1073741824"), "the leftover was reclaimed")
         let group = "\(root)/cpu/\(partition.realtimeGroup)"
         XCTAssertEqual(try String(contentsOfFile: group + "/cpu.rt_runtime_us", encoding: .utf8), "50000")
         XCTAssertEqual(try String(contentsOfFile: "\(root)/cpuset/\(partition.housekeepingGroup)/cpuset.cpus", encoding: .utf8), "0")

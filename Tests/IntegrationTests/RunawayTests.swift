@@ -1,0 +1,37 @@
+import CgroupScheduler
+import KVMBackend
+import RTVirtCore
+@testable import rtvirt
+import XCTest
+
+/// `rtvirt runaway`, shorter: a guest spinning on a SCHED_FIFO vCPU inside a 50 % partition
+/// leaves the housekeeping thread on the same CPU about half of it; everything is cleaned up.
+final class RunawayTests: XCTestCase {
+    func testPartitionKeepsTheCPUForHousekeepingAndCleansUp() throws {
+        guard geteuid() == 0 else { throw XCTSkip("runaway test skipped: needs root for cgroups and SCHED_FIFO") }
+        let hierarchy = CgroupHierarchy.detect()
+        guard hierarchy.rtGroupScheduling, hierarchy.v1Mount(for: "cpuset") != nil else {
+            throw XCTSkip("runaway test skipped: no cgroup v1 cpu.rt_runtime_us and cpuset here (layout \(hierarchy.layout))")
+        }
+        let system: KVMSystem
+        do { system = try KVMSystem() } catch { throw XCTSkip("runaway test skipped: /dev/kvm is not available (\(error))") }
+        let online = try ThreadScheduling.affinity()
+        guard online.cpus.count >= 2 else { throw XCTSkip("runaway test skipped: needs 2 CPUs") }
+        let rtCPU = online.cpus.last!
+        let backend = try LibcgroupBackend(hierarchy: hierarchy)
+        let plan = PartitionPlan(name: "runawaytest", realtimeCPUs: [rtCPU], housekeepingCPUs: CPUSet(online.cpus.dropLast()),
+                                 budget: RTBudget(parsing: "50ms/100ms")!)
+        let idle = try ProgressCounter.rate(cpu: rtCPU, seconds: 0.3)
+        let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)
+        defer { partition.remove() }
+        var cleanupNanoseconds: UInt64 = 0
+        let rate = try RunawayCommand.measure(system: system, cpu: rtCPU, seconds: 1, partition: partition) { stopStart in
+            cleanupNanoseconds = monotonicNanoseconds() - stopStart + partition.remove()
+        } statBeforeCleanup: {}
+        let share = rate / idle
+        print("housekeeping share with a 50 % partition: \(share); cleanup \(Double(cleanupNanoseconds) / 1e6) ms")
+        XCTAssertGreaterThan(share, 0.3, "the budget must leave the housekeeping thread a real share")
+        XCTAssertLessThan(Double(cleanupNanoseconds) / 1e9, 1)
+        XCTAssertEqual(CgroupPartition.allVMGroups(backend: backend).filter { $0.hasPrefix("rtvirt/runawaytest-") }, [])
+    }
+}

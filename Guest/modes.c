@@ -129,7 +129,7 @@ uint32_t guest_c_main(uint64_t mode, uint64_t arg0, uint64_t arg1, uint8_t *slot
     switch (mode) {
     case GUEST_MODE_RPC_DEMO: return rpc_demo(slot);
     case GUEST_MODE_RPC_BENCH: return rpc_bench(slot, arg0, data);
-    case GUEST_MODE_CYCLIC_LONGPOLL: return cyclic_longpoll(slot, arg0, arg1, (int64_t *)data);
+    case GUEST_MODE_CYCLIC_LONG_POLL: return cyclic_longpoll(slot, arg0, arg1, (int64_t *)data);
     default: return GUEST_STATUS_BAD_MODE;
     }
 }

@@ -64,23 +64,19 @@ public final class KVMSystem: Hypervisor {
     public func supportedCPUID() throws(KVMError) -> [CPUIDEntry] {
         var capacity = 128
         while true {
-            let byteCount = MemoryLayout<kvm_cpuid2>.size + capacity * MemoryLayout<kvm_cpuid_entry2>.stride
-            let raw = UnsafeMutableRawPointer.allocate(byteCount: byteCount, alignment: 8)
-            defer { raw.deallocate() }
-            raw.initializeMemory(as: UInt8.self, repeating: 0, count: byteCount)
-            let cpuid = raw.assumingMemoryBound(to: kvm_cpuid2.self)
-            cpuid.pointee.nent = UInt32(capacity)
-            if rtv_kvm_get_supported_cpuid(descriptor.rawValue, cpuid) == 0 {
-                // Sound: the kernel filled `nent` <= capacity entries after the header.
-                let entries = UnsafeBufferPointer(
-                    start: (raw + MemoryLayout<kvm_cpuid2>.size).assumingMemoryBound(to: kvm_cpuid_entry2.self),
-                    count: Int(cpuid.pointee.nent))
-                return entries.map(CPUIDEntry.init)
+            let entries: [CPUIDEntry]? = try withFlexibleArray(header: kvm_cpuid2.self, entry: kvm_cpuid_entry2.self, count: capacity) {
+                (header, slots) throws(KVMError) in
+                header.pointee.nent = UInt32(capacity)
+                if rtv_kvm_get_supported_cpuid(descriptor.rawValue, header) == 0 {
+                    return slots.prefix(Int(header.pointee.nent)).map(CPUIDEntry.init)
+                }
+                let code = errno
+                guard code == E2BIG, capacity < 4096 else {
+                    throw .ioctlFailed(operation: "KVM_GET_SUPPORTED_CPUID", errno: Errno(rawValue: code))
+                }
+                return nil
             }
-            let code = errno
-            guard code == E2BIG, capacity < 4096 else {
-                throw .ioctlFailed(operation: "KVM_GET_SUPPORTED_CPUID", errno: Errno(rawValue: code))
-            }
+            if let entries { return entries }
             capacity *= 2
         }
     }

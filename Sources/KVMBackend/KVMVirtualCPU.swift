@@ -173,36 +173,25 @@ public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
     private func withMSRBuffer(
         _ msrs: [X86MSR], _ body: (UnsafeMutablePointer<kvm_msrs>) throws(KVMError) -> Void
     ) throws(KVMError) -> [X86MSR] {
-        let byteCount = MemoryLayout<kvm_msrs>.size + msrs.count * MemoryLayout<kvm_msr_entry>.stride
-        let raw = UnsafeMutableRawPointer.allocate(byteCount: byteCount, alignment: 8)
-        defer { raw.deallocate() }
-        raw.initializeMemory(as: UInt8.self, repeating: 0, count: byteCount)
-        let header = raw.assumingMemoryBound(to: kvm_msrs.self)
-        header.pointee.nmsrs = UInt32(msrs.count)
-        // Sound: the entries follow the header inside the allocation sized for them above.
-        let entries = UnsafeMutableBufferPointer(
-            start: (raw + MemoryLayout<kvm_msrs>.size).assumingMemoryBound(to: kvm_msr_entry.self), count: msrs.count)
-        for (slot, msr) in zip(entries.indices, msrs) {
-            entries[slot].index = msr.index
-            entries[slot].data = msr.value
+        try withFlexibleArray(header: kvm_msrs.self, entry: kvm_msr_entry.self, count: msrs.count) { (header, entries) throws(KVMError) in
+            header.pointee.nmsrs = UInt32(msrs.count)
+            for (slot, msr) in zip(entries.indices, msrs) {
+                entries[slot].index = msr.index
+                entries[slot].data = msr.value
+            }
+            try body(header)
+            return entries.map { X86MSR(index: $0.index, value: $0.data) }
         }
-        try body(header)
-        return entries.map { X86MSR(index: $0.index, value: $0.data) }
     }
 
     /// Sets the CPUID leaves the guest sees (`KVM_SET_CPUID2`), typically from
     /// `KVMSystem.supportedCPUID()`.
     public func setCPUID(_ entries: [CPUIDEntry]) throws(KVMError) {
-        let byteCount = MemoryLayout<kvm_cpuid2>.size + entries.count * MemoryLayout<kvm_cpuid_entry2>.stride
-        let raw = UnsafeMutableRawPointer.allocate(byteCount: byteCount, alignment: 8)
-        defer { raw.deallocate() }
-        raw.initializeMemory(as: UInt8.self, repeating: 0, count: byteCount)
-        let header = raw.assumingMemoryBound(to: kvm_cpuid2.self)
-        header.pointee.nent = UInt32(entries.count)
-        // Sound: the entries follow the header inside the allocation sized for them above.
-        let slots = (raw + MemoryLayout<kvm_cpuid2>.size).assumingMemoryBound(to: kvm_cpuid_entry2.self)
-        for (index, entry) in entries.enumerated() { slots[index] = entry.kernelEntry }
-        _ = try checkedIoctl("KVM_SET_CPUID2") { rtv_kvm_set_cpuid2(descriptor.rawValue, header) }
+        try withFlexibleArray(header: kvm_cpuid2.self, entry: kvm_cpuid_entry2.self, count: entries.count) { (header, slots) throws(KVMError) in
+            header.pointee.nent = UInt32(entries.count)
+            for (index, entry) in entries.enumerated() { slots[index] = entry.kernelEntry }
+            _ = try checkedIoctl("KVM_SET_CPUID2") { rtv_kvm_set_cpuid2(descriptor.rawValue, header) }
+        }
     }
 
     /// The guest TSC frequency in kHz (`KVM_GET_TSC_KHZ`), or nil when unsupported.

@@ -29,9 +29,7 @@ struct CheckCommand: ParsableCommand {
     func run() throws {
         let report = HostCheckReport.inspect()
         if json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+            try printJSON(report)
         } else {
             print(Self.text(of: report))
         }

@@ -104,9 +104,7 @@ struct CyclicTestCommand: ParsableCommand {
                                       policy: policy.schedulingClass.description, cpu: measuringCPU, load: load,
                                       cpuDMALatencyHeld: latencyRequest != nil, paths: results)
         if json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+            try printJSON(report)
         } else {
             print(Self.table(results))
             if let plot { print("\nPlot written to \(plot)") }

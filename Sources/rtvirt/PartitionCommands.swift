@@ -163,9 +163,7 @@ struct RunawayCommand: ParsableCommand {
                                    withoutPartition: RunawayReport.Phase(housekeepingShare: withoutRate / idleRate),
                                    cleanupMs: cleanupMs, leftoverGroups: leftovers)
         if json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+            try printJSON(report)
             return
         }
         print(String(format: "with partition:    housekeeping got %.2f of CPU %d; cpu.stat nr_throttled %@", report.withPartition.housekeepingShare,

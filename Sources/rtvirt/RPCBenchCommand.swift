@@ -63,9 +63,7 @@ struct RPCBenchCommand: ParsableCommand {
                                     bareExitNs: bareSummary.p50, nullCallNs: nullSummary.p50,
                                     ratio: nullSummary.p50 / bareSummary.p50, bareExit: bareSummary, nullCall: nullSummary)
         if json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+            try printJSON(report)
             return
         }
         print("KVM backend: \(module.rawValue) — \(module.implication)")

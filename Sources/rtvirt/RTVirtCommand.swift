@@ -1,3 +1,4 @@
+import Foundation
 import ArgumentParser
 
 /// The `rtvirt` tool: runs the bundled guest and shows what RTVirt does on this host.
@@ -9,4 +10,11 @@ struct RTVirtCommand: ParsableCommand {
         subcommands: [CyclicTestCommand.self, RunCommand.self, CheckCommand.self, RPCBenchCommand.self,
                       PartitionCommand.self, RunawayCommand.self],
         defaultSubcommand: CyclicTestCommand.self)
+}
+
+/// Prints `value` as one pretty, key-sorted JSON object (the `--json` output of every command).
+func printJSON(_ value: some Encodable) throws {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+    print(String(decoding: try encoder.encode(value), as: UTF8.self))
 }

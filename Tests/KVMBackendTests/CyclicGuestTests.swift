@@ -45,3 +45,32 @@ final class CyclicGuestTests: XCTestCase {
         XCTAssertTrue(lateness.allSatisfy { $0 >= 0 }, "interrupts never arrive before the deadline")
     }
 }
+
+final class IndependentLongPollTests: XCTestCase {
+    /// One vCPU long-polls for 2 s; the other keeps running and finishes meanwhile.
+    func testOneVCPUParkedForTwoSecondsDoesNotHoldUpAnother() throws {
+        let kvm = try openKVMOrSkip()
+        let probe = try BundledGuestMachine(system: kvm, vcpus: [BundledGuestVCPU(mode: .spin)])
+        let twoSeconds = probe.tscMappings[0].frequencyHz * 2
+        let iterations: UInt64 = 50_000_000
+        let machine = try BundledGuestMachine(system: kvm, vcpus: [
+            BundledGuestVCPU(mode: .cyclicLongPoll, arguments: (1, twoSeconds)),
+            BundledGuestVCPU(mode: .compute, arguments: (iterations, 3)),
+        ])
+        let dispatcher = try LongPollDispatcher(vcpuCount: 2)
+        let server = try machine.makeVMRPCServer(dispatcher: dispatcher)
+        defer { server.shutdown() }
+        let start = monotonicNanoseconds()
+        let runner = try machine.start(bus: machine.makeBus(server: server), dispatcher: dispatcher)
+        while runner.stopReasons[1] == nil && monotonicNanoseconds() - start < 10_000_000_000 { usleep(1000) }
+        let computeDone = Double(monotonicNanoseconds() - start) / 1e9
+        XCTAssertEqual(runner.stopReasons[1], .guestRequested(status: 0))
+        XCTAssertNil(runner.stopReasons[0], "vCPU 0 is still parked")
+        XCTAssertTrue(dispatcher.isWaiting(vcpu: 0))
+        XCTAssertLessThan(computeDone, 1.5, "vCPU 1 finished while vCPU 0 slept (\(computeDone) s)")
+        let expected = BundledGuestMode.expectedComputeResult(iterations: iterations, seed: 3)
+        XCTAssertEqual(machine.ports.results(ofVCPU: 1), [expected & 0xFFFF_FFFF, expected >> 32])
+        XCTAssertEqual(runner.waitForAll(timeoutNanoseconds: 10_000_000_000), [.guestRequested(status: 0), .guestRequested(status: 0)])
+        XCTAssertGreaterThanOrEqual(Double(monotonicNanoseconds() - start) / 1e9, 2.0, "vCPU 0 slept its 2 s")
+    }
+}

@@ -42,17 +42,21 @@ public final class CgroupPartition: CPUPartitionAssigner {
     /// The group of the housekeeping partition.
     public var housekeepingGroup: String { vmGroup + "/housekeeping" }
 
-    /// The writes `create` makes, in order (for `--dry-run`). `currentParentRuntime` is the
-    /// `rtvirt` group's `cpu.rt_runtime_us` now (0 when it does not exist).
-    public static func plannedWrites(_ plan: PartitionPlan, vmGroup: String, currentParentRuntime: Int64) -> [CgroupWrite] {
+    /// The writes `create` makes, in order (for `--dry-run`). `currentParentRuntime` and
+    /// `currentParentCPUs` are the `rtvirt` group's `cpu.rt_runtime_us` and `cpuset.cpus` now
+    /// (0 and empty when it does not exist): other VMs' partitions may already use them, so the
+    /// shared group only ever grows.
+    public static func plannedWrites(_ plan: PartitionPlan, vmGroup: String, currentParentRuntime: Int64,
+                                     currentParentCPUs: CPUSet = []) -> [CgroupWrite] {
         let share = Int64((plan.budget.fraction * Double(parentPeriod)).rounded(.up))
         let node = "\(plan.memoryNode ?? 0)"
         let all = CPUSet(plan.realtimeCPUs.cpus + plan.housekeepingCPUs.cpus).description
+        let parentCPUs = CPUSet(plan.realtimeCPUs.cpus + plan.housekeepingCPUs.cpus + currentParentCPUs.cpus).description
         var writes: [CgroupWrite] = []
         func add(_ controller: String, _ group: String, _ file: String, _ value: String) {
             writes.append(CgroupWrite(controller: controller, group: group, file: file, value: value))
         }
-        add("cpuset", projectSubtree, "cpuset.cpus", all)
+        add("cpuset", projectSubtree, "cpuset.cpus", parentCPUs)
         add("cpuset", projectSubtree, "cpuset.mems", node)
         add("cpu", projectSubtree, "cpu.rt_runtime_us", "\(currentParentRuntime + share)")
         add("cpuset", vmGroup, "cpuset.cpus", all)
@@ -87,8 +91,9 @@ public final class CgroupPartition: CPUPartitionAssigner {
         vmGroup = Self.vmGroup(for: plan)
         Self.reclaimLeftovers(backend: backend) // partitions of processes that died
         let parentRuntime = Int64(backend.value(name: "cpu.rt_runtime_us", group: projectSubtree, controller: "cpu") ?? "0") ?? 0
+        let parentCPUs = backend.value(name: "cpuset.cpus", group: projectSubtree, controller: "cpuset").flatMap(CPUSet.init(listFormat:)) ?? []
         do {
-            for write in Self.plannedWrites(plan, vmGroup: vmGroup, currentParentRuntime: parentRuntime) {
+            for write in Self.plannedWrites(plan, vmGroup: vmGroup, currentParentRuntime: parentRuntime, currentParentCPUs: parentCPUs) {
                 if !backend.groupExists(write.group, controller: write.controller) {
                     try backend.createGroup(write.group, controller: write.controller)
                 }

@@ -70,8 +70,10 @@ struct PartitionCommand: ParsableCommand {
         print("plan: real-time CPUs \(plan.realtimeCPUs), housekeeping CPUs \(plan.housekeepingCPUs), budget \(plan.budget), node \(node)")
         let vmGroup = CgroupPartition.vmGroup(for: plan)
         let parentRuntime = Int64(backend.value(name: "cpu.rt_runtime_us", group: projectSubtree, controller: "cpu") ?? "0") ?? 0
+        let parentCPUs = backend.value(name: "cpuset.cpus", group: projectSubtree, controller: "cpuset").flatMap(CPUSet.init(listFormat:)) ?? []
         print(dryRun ? "would write:" : "writes:")
-        for write in CgroupPartition.plannedWrites(plan, vmGroup: vmGroup, currentParentRuntime: parentRuntime) {
+        for write in CgroupPartition.plannedWrites(plan, vmGroup: vmGroup, currentParentRuntime: parentRuntime,
+                                                   currentParentCPUs: parentCPUs) {
             let mount = hierarchy.v1Mount(for: write.controller)?.path ?? "<\(write.controller) not mounted>"
             print("  \(mount)/\(write.group)/\(write.file) = \(write.value)")
         }

@@ -51,6 +51,9 @@ final class PartitionPlanTests: XCTestCase {
                                   "cpu:/rtvirt/vm-42/realtime/cpu.rt_runtime_us = 50000",
                                   "cpu:/rtvirt/vm-42/housekeeping/cpu.rt_runtime_us = 0"])
         XCTAssertTrue(writes.allSatisfy { $0.group.hasPrefix("rtvirt") })
+        let shared = CgroupPartition.plannedWrites(plan, vmGroup: "rtvirt/vm-43", currentParentRuntime: 0, currentParentCPUs: [2, 3])
+        XCTAssertEqual(shared.first { $0.group == "rtvirt" && $0.file == "cpuset.cpus" }?.value, "0-3",
+                       "the shared group keeps the CPUs of partitions already there")
         let realtimePeriod = writes.firstIndex { $0.group.hasSuffix("realtime") && $0.file == "cpu.rt_period_us" }!
         let realtimeRuntime = writes.firstIndex { $0.group.hasSuffix("realtime") && $0.file == "cpu.rt_runtime_us" }!
         XCTAssertLessThan(realtimePeriod, realtimeRuntime)

@@ -8,7 +8,7 @@ func realHierarchyOrSkip() throws -> CgroupHierarchy {
     let hierarchy = CgroupHierarchy.detect()
     guard geteuid() == 0 else { throw XCTSkip("real-cgroup test skipped: needs root to create cgroups") }
     guard hierarchy.v1Mount(for: "cpuset") != nil, hierarchy.v1Mount(for: "cpu") != nil, hierarchy.rtGroupScheduling else {
-        throw XCTSkip("real-cgroup test skipped: no cgroup v1 cpuset + cpu with cpu.rt_runtime_us here (layout \(hierarchy.layout))")
+        throw XCTSkip("real-cgroup test skipped: cgroup v1 cpuset + cpu with cpu.rt_runtime_us is not available here (layout \(hierarchy.layout))")
     }
     return hierarchy
 }
@@ -111,7 +111,7 @@ final class RealCgroupPartitionTests: XCTestCase {
         let hierarchy = try realHierarchyOrSkip()
         let backend = try LibcgroupBackend(hierarchy: hierarchy)
         let online = try ThreadScheduling.affinity()
-        guard online.cpus.count >= 2 else { throw XCTSkip("real-cgroup test skipped: needs 2 CPUs") }
+        guard online.cpus.count >= 2 else { throw XCTSkip("real-cgroup test skipped: a second CPU is not available") }
         let plan = PartitionPlan(name: "unittest", realtimeCPUs: [online.cpus.last!], housekeepingCPUs: [online.cpus.first!],
                                  budget: RTBudget(parsing: "50ms/100ms")!)
         let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)

@@ -11,12 +11,12 @@ final class RunawayTests: XCTestCase {
         guard geteuid() == 0 else { throw XCTSkip("runaway test skipped: needs root for cgroups and SCHED_FIFO") }
         let hierarchy = CgroupHierarchy.detect()
         guard hierarchy.rtGroupScheduling, hierarchy.v1Mount(for: "cpuset") != nil else {
-            throw XCTSkip("runaway test skipped: no cgroup v1 cpu.rt_runtime_us and cpuset here (layout \(hierarchy.layout))")
+            throw XCTSkip("runaway test skipped: cgroup v1 cpu.rt_runtime_us and cpuset are not available here (layout \(hierarchy.layout))")
         }
         let system: KVMSystem
         do { system = try KVMSystem() } catch { throw XCTSkip("runaway test skipped: /dev/kvm is not available (\(error))") }
         let online = try ThreadScheduling.affinity()
-        guard online.cpus.count >= 2 else { throw XCTSkip("runaway test skipped: needs 2 CPUs") }
+        guard online.cpus.count >= 2 else { throw XCTSkip("runaway test skipped: a second CPU is not available") }
         let rtCPU = online.cpus.last!
         let backend = try LibcgroupBackend(hierarchy: hierarchy)
         let plan = PartitionPlan(name: "runawaytest", realtimeCPUs: [rtCPU], housekeepingCPUs: CPUSet(online.cpus.dropLast()),

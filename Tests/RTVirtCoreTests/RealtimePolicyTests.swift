@@ -103,7 +103,7 @@ final class RealtimePolicyTests: XCTestCase {
         thread.join()
         switch outcome.withLock({ $0 }) {
         case .success(let value)?: XCTAssertEqual(value, .deadline(runtime: 100_000, deadline: 1_000_000, period: 1_000_000))
-        case .failure(let error)?: throw XCTSkip("SCHED_DEADLINE not admitted on this host: \(error)")
+        case .failure(let error)?: throw XCTSkip("SCHED_DEADLINE is not available (not admitted) on this host: \(error)")
         case nil: XCTFail("no outcome")
         }
     }

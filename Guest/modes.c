@@ -108,16 +108,18 @@ static uint32_t rpc_bench(volatile uint8_t *slot, uint64_t pairs, uint64_t *data
     return 0;
 }
 
-/* Each period: timer.sleepUntil(start + (i + 1) * period), then data[i] = TSC at resume - deadline.
- * Exits 0, or 0x100 + the status of a failed sleep (cancelled when the host stops the guest). */
+/* Each period: timer.sleepUntil(start + (i + 1) * period) in its 16-byte form (the host learns
+ * the return latency from the reported arrivals and releases early; the helper spins the rest),
+ * then data[i] = TSC at resume - deadline. Exits 0, or 0x100 + the status of a failed sleep
+ * (cancelled when the host stops the guest). */
 static uint32_t cyclic_longpoll(volatile uint8_t *slot, uint64_t count, uint64_t period, int64_t *data) {
     uint64_t capacity = GUEST_DATA_SIZE / 8;
     if (count > capacity) count = capacity;
     uint64_t deadline = rdtsc();
+    int64_t arrival = 0;
     for (uint64_t i = 0; i < count; i++) {
         deadline += period;
-        uint64_t wake;
-        uint32_t status = call(slot, 0, RTV_VMRPC_PROC_SLEEP_UNTIL, &deadline, 8, &wake, 8);
+        uint32_t status = rtv_vmrpc_sleep_until_port(slot, GUEST_PORT_DOORBELL, ++sequence, deadline, &arrival);
         uint64_t now = rdtsc();
         if (status != RTV_VMRPC_OK) return 0x100 + status;
         data[i] = (int64_t)(now - deadline);

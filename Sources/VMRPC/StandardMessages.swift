@@ -26,13 +26,31 @@ public struct VMRPCClockReading: VMRPCMessage, Equatable {
     }
 }
 
-/// Arguments of `timer.sleepUntil`: the deadline in the calling vCPU's TSC ticks.
+/// Arguments of `timer.sleepUntil`: the deadline in the calling vCPU's TSC ticks and, in the
+/// 16-byte form, the guest's arrival after its previous sleep (TSC at return minus that
+/// deadline, before any spin; 0 when unknown). The 16-byte form also tells the host that the
+/// guest spins to its deadline itself, so the host may release it early by the return latency
+/// it learns from those arrivals.
 public struct VMRPCSleepUntil: VMRPCMessage, Equatable {
     public var deadlineGuestTSC: UInt64
-    /// A deadline.
-    public init(deadlineGuestTSC: UInt64) { self.deadlineGuestTSC = deadlineGuestTSC }
-    public init(decoding reader: inout VMRPCByteReader) throws(VMRPCStatus) { deadlineGuestTSC = try reader.read() }
-    public func encode(into writer: inout VMRPCByteWriter) { writer.append(deadlineGuestTSC) }
+    /// The previous arrival in TSC ticks, in the 16-byte form.
+    public var previousArrival: Int64?
+
+    /// A deadline, optionally with the previous arrival (the 16-byte form).
+    public init(deadlineGuestTSC: UInt64, previousArrival: Int64? = nil) {
+        self.deadlineGuestTSC = deadlineGuestTSC
+        self.previousArrival = previousArrival
+    }
+
+    public init(decoding reader: inout VMRPCByteReader) throws(VMRPCStatus) {
+        deadlineGuestTSC = try reader.read()
+        previousArrival = reader.remaining >= 8 ? try reader.read() : nil
+    }
+
+    public func encode(into writer: inout VMRPCByteWriter) {
+        writer.append(deadlineGuestTSC)
+        if let previousArrival { writer.append(previousArrival) }
+    }
 }
 
 /// Results of `timer.sleepUntil`: the guest TSC when the host released the vCPU.

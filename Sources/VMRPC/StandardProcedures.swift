@@ -1,4 +1,5 @@
 import RTVirtCore
+import Synchronization
 
 /// Where `clock.read` and `timer.sleepUntil` get each vCPU's TSC mapping and host time.
 public protocol GuestClockSource: Sendable {
@@ -40,12 +41,24 @@ public enum VMRPCStandardProcedures {
     /// `timer.sleepUntil` (3): parks the vCPU until its TSC reaches the deadline; results are a
     /// `VMRPCWakeUp`. A deadline beyond the dispatcher's park limit answers `timedOut` at the
     /// limit (the guest calls again); a cancelled wait answers `cancelled`.
-    public static func timerSleepUntil(_ source: any GuestClockSource) -> VMRPCProcedure {
-        .typed(id: VMRPCProcedureID.timerSleepUntil, name: "timer.sleepUntil", argumentLength: 8...8,
-               arguments: VMRPCSleepUntil.self) { context, sleep in
+    ///
+    /// In the 16-byte form the guest reports its previous arrival and spins to its deadline
+    /// itself; the host then releases the vCPU early by the return latency it learns for each of
+    /// the first `compensatedVCPUs` vCPUs (`ReturnLatencyEstimator`), so the guest arrives at
+    /// its deadline instead of one return trip after it.
+    public static func timerSleepUntil(_ source: any GuestClockSource, compensatedVCPUs: Int = 64) -> VMRPCProcedure {
+        let estimators = (0..<compensatedVCPUs).map { _ in ReturnLatencyEstimator() }
+        return .typed(id: VMRPCProcedureID.timerSleepUntil, name: "timer.sleepUntil", argumentLength: 8...16,
+                      arguments: VMRPCSleepUntil.self) { context, sleep in
             guard let mapping = source.mapping(forVCPU: context.vcpuID) else { return .failed(.internalError) }
             let deadline = mapping.monotonicNanoseconds(forGuestTSC: sleep.deadlineGuestTSC, anchor: source.sampleHost())
-            return .wait(LongPollRequest(deadline: deadline)) { result in
+            var release = deadline
+            if let arrival = sleep.previousArrival, estimators.indices.contains(context.vcpuID) {
+                let estimator = estimators[context.vcpuID]
+                estimator.record(arrivalNanoseconds: Double(arrival) * 1e9 / Double(mapping.frequencyHz))
+                release = deadline - min(deadline, estimator.earlyRelease(forDeadline: deadline))
+            }
+            return .wait(LongPollRequest(deadline: release)) { result in
                 switch result {
                 case .deadlineReached:
                     return .ok(VMRPCWakeUp(guestTSC: mapping.guestTSC(at: source.sampleHost())))
@@ -62,4 +75,58 @@ public enum VMRPCStandardProcedures {
     public static func all(clock source: any GuestClockSource) -> [VMRPCProcedure] {
         [null(), clockRead(source), timerSleepUntil(source)]
     }
+}
+
+/// Learns how long the return from a long poll into the guest takes, from the arrivals the guest
+/// reports (its TSC at return minus its deadline, before spinning), and says how early to
+/// release the next sleep. Used by one vCPU's calls only.
+public final class ReturnLatencyEstimator: Sendable {
+    private struct State {
+        var samples: [Double] = []
+        var next = 0
+        var lastEarlyRelease: Double = 0
+        var earlyRelease: Double = 0
+    }
+    private let state = Mutex(State())
+    /// Samples kept.
+    public let window: Int
+    /// The percentile of return latencies released early by (low, so the guest rarely arrives
+    /// before its deadline and has to spin long).
+    public let percentile: Double
+    /// Largest early release, nanoseconds.
+    public let maximumNanoseconds: Double
+
+    /// An estimator.
+    public init(window: Int = 64, percentile: Double = 0.2, maximumNanoseconds: Double = 100_000) {
+        self.window = max(window, 1)
+        self.percentile = percentile
+        self.maximumNanoseconds = maximumNanoseconds
+    }
+
+    /// Records the guest's arrival for the previous sleep (negative: it arrived early).
+    public func record(arrivalNanoseconds: Double) {
+        state.withLock { state in
+            // What the return took = how late it arrived + how early it was released.
+            let sample = arrivalNanoseconds + state.lastEarlyRelease
+            guard sample.isFinite, sample > -1e9, sample < 1e9 else { return }
+            if state.samples.count < window { state.samples.append(sample) } else {
+                state.samples[state.next] = sample
+                state.next = (state.next + 1) % window
+            }
+            let sorted = state.samples.sorted()
+            let estimate = sorted[min(sorted.count - 1, Int(Double(sorted.count - 1) * percentile))]
+            state.earlyRelease = min(max(0, estimate), maximumNanoseconds)
+        }
+    }
+
+    /// How many nanoseconds before `deadline` to release the vCPU; remembered for the next sample.
+    public func earlyRelease(forDeadline deadline: UInt64) -> UInt64 {
+        state.withLock { state in
+            state.lastEarlyRelease = state.earlyRelease
+            return UInt64(state.earlyRelease)
+        }
+    }
+
+    /// The current early release, nanoseconds.
+    public var currentEarlyReleaseNanoseconds: Double { state.withLock { $0.earlyRelease } }
 }

@@ -198,3 +198,45 @@ final class ServerTests: XCTestCase {
         XCTAssertEqual(withoutReverse.procedureIDs, [])
     }
 }
+
+final class SleepCompensationTests: XCTestCase {
+    /// In the 16-byte form the host learns the return latency from the reported arrivals and
+    /// releases the vCPU that much before the deadline.
+    func testSixteenByteSleepIsReleasedEarlyByTheLearnedReturnLatency() throws {
+        let harness = try ServerHarness()
+        let client = harness.client()
+        func sleep(until deadline: UInt64, arrival: Int64) throws -> UInt64 {
+            let arguments = VMRPCSleepUntil(deadlineGuestTSC: deadline, previousArrival: arrival).encoded
+            XCTAssertEqual(arguments.count, 16)
+            XCTAssertEqual(try client.call(VMRPCProcedureID.timerSleepUntil, arguments: arguments).status, .ok)
+            return harness.clock.nowNanoseconds()
+        }
+        // A guest whose return from the host takes exactly 5 µs (1 GHz TSC: ticks are ns).
+        let base = harness.clock.nowNanoseconds()
+        var arrival: Int64 = 0
+        var releases: [UInt64] = []
+        for period in 1...20 {
+            let deadline = base + UInt64(period) * 1_000_000
+            let released = try sleep(until: deadline, arrival: arrival)
+            releases.append(deadline - released)
+            arrival = 5_000 - Int64(deadline - released)
+        }
+        XCTAssertEqual(releases.first, 0, "nothing learned yet: released at the deadline")
+        XCTAssertEqual(releases.last, 5_000, "released one return trip early, so the guest arrives on time")
+        XCTAssertEqual(arrival, 0)
+        // The 8-byte form is never released early.
+        XCTAssertEqual(try client.sleepUntil(guestTSC: base + 22_000_000).0, .ok)
+        XCTAssertEqual(harness.clock.nowNanoseconds(), base + 22_000_000)
+    }
+
+    func testEstimatorIsBoundedAndIgnoresNonsense() {
+        let estimator = ReturnLatencyEstimator(window: 4, percentile: 0.5, maximumNanoseconds: 10_000)
+        for _ in 0..<4 { estimator.record(arrivalNanoseconds: 50_000) }
+        XCTAssertEqual(estimator.currentEarlyReleaseNanoseconds, 10_000, "capped")
+        estimator.record(arrivalNanoseconds: .nan)
+        estimator.record(arrivalNanoseconds: 1e12)
+        XCTAssertEqual(estimator.currentEarlyReleaseNanoseconds, 10_000, "garbage from the guest is ignored")
+        for _ in 0..<4 { estimator.record(arrivalNanoseconds: -1_000_000) }
+        XCTAssertEqual(estimator.currentEarlyReleaseNanoseconds, 0, "never released after the deadline")
+    }
+}

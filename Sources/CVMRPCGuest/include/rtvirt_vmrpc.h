@@ -156,4 +156,27 @@ static inline uint32_t rtv_vmrpc_call_port(volatile uint8_t *slot, uint16_t port
     return status;
 }
 
+/* The TSC, ordered after earlier loads. */
+static inline uint64_t rtv_vmrpc_rdtsc(void) {
+    uint32_t low, high;
+    __asm__ __volatile__("lfence; rdtsc" : "=a"(low), "=d"(high) :: "memory");
+    return ((uint64_t)high << 32) | low;
+}
+
+/* timer.sleepUntil in its 16-byte form through a port doorbell: passes the previous arrival
+ * (`*arrival`, TSC at return minus deadline, 0 at first), lets the host release the vCPU early by
+ * the return latency it learns, then spins natively until the TSC reaches `deadline`. Stores this
+ * call's arrival (before the spin) in `*arrival`. Returns the status; on success the TSC is at or
+ * past `deadline`. */
+static inline uint32_t rtv_vmrpc_sleep_until_port(volatile uint8_t *slot, uint16_t port, uint32_t sequence,
+                                                  uint64_t deadline, int64_t *arrival) {
+    uint64_t arguments[2] = { deadline, (uint64_t)*arrival };
+    uint32_t status = rtv_vmrpc_call_port(slot, port, RTV_VMRPC_PROC_SLEEP_UNTIL, sequence, arguments, 16, 0, 0);
+    *arrival = (int64_t)(rtv_vmrpc_rdtsc() - deadline);
+    if (status == RTV_VMRPC_OK) {
+        while ((int64_t)(rtv_vmrpc_rdtsc() - deadline) < 0) __asm__ __volatile__("pause");
+    }
+    return status;
+}
+
 #endif

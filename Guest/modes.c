@@ -110,10 +110,10 @@ static uint32_t rpc_bench(volatile uint8_t *slot, uint64_t pairs, uint64_t *data
 
 /* Each period: timer.sleepUntil(start + (i + 1) * period) in its 16-byte form (the host learns
  * the return latency from the reported arrivals and releases early; the helper spins the rest),
- * then data[i] = TSC at resume - deadline. Exits 0, or 0x100 + the status of a failed sleep
- * (cancelled when the host stops the guest). */
+ * then data[2i] = TSC at resume - deadline and data[2i + 1] = the arrival before the spin (negative:
+ * cycles spun). Exits 0, or 0x100 + the status of a failed sleep (cancelled when the host stops it). */
 static uint32_t cyclic_longpoll(volatile uint8_t *slot, uint64_t count, uint64_t period, int64_t *data) {
-    uint64_t capacity = GUEST_DATA_SIZE / 8;
+    uint64_t capacity = GUEST_DATA_SIZE / 16;
     if (count > capacity) count = capacity;
     uint64_t deadline = rdtsc();
     int64_t arrival = 0;
@@ -122,7 +122,8 @@ static uint32_t cyclic_longpoll(volatile uint8_t *slot, uint64_t count, uint64_t
         uint32_t status = rtv_vmrpc_sleep_until_port(slot, GUEST_PORT_DOORBELL, ++sequence, deadline, &arrival);
         uint64_t now = rdtsc();
         if (status != RTV_VMRPC_OK) return 0x100 + status;
-        data[i] = (int64_t)(now - deadline);
+        data[2 * i] = (int64_t)(now - deadline);
+        data[2 * i + 1] = arrival;
     }
     return 0;
 }

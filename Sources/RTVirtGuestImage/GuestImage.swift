@@ -28,8 +28,9 @@ public enum BundledGuestMode: UInt64, Sendable, CaseIterable {
     case rpcDemo = 6
     /// RSI pairs of (bare exit, `null` call), the TSC cycles of each into the data buffer.
     case rpcBench = 7
-    /// RSI periods of RDX TSC cycles waiting with VMRPC `timer.sleepUntil` at CPL 3; the
-    /// lateness of each resume (TSC − deadline, signed) into the data buffer.
+    /// RSI periods of RDX TSC cycles waiting with VMRPC `timer.sleepUntil` (16-byte form) at
+    /// CPL 3; per period the lateness (TSC at resume − deadline, signed) and the arrival before
+    /// the guest-side spin, interleaved in the data buffer.
     case cyclicLongPoll = 8
     /// The same with the LAPIC TSC-deadline timer and `sti; hlt` at CPL 0 (needs the
     /// in-kernel irqchip).

@@ -115,9 +115,19 @@ enum GuestCyclic {
         if case .failed(let message) = scheduler.status(vcpu: 0) { throw CyclicTestError.policy(message) }
         guard reasons == [.guestRequested(status: 0)] else { throw CyclicTestError.guest(name, reasons) }
         let microsecondsPerCycle = 1e6 / Double(machine.tscMappings[0].frequencyHz)
-        let latencies = try machine.readSignedData(ofVCPU: 0, count: settings.periods).map { Double($0) * microsecondsPerCycle }
+        guard mode == .cyclicLongPoll else {
+            let latencies = try machine.readSignedData(ofVCPU: 0, count: settings.periods).map { Double($0) * microsecondsPerCycle }
+            return CyclicPathResult(name: name, latenciesUs: latencies)
+        }
+        let data = try machine.readSignedData(ofVCPU: 0, count: 2 * settings.periods)
+        let latencies = stride(from: 0, to: data.count, by: 2).map { Double(data[$0]) * microsecondsPerCycle }
+        // CPU spent spinning before deadlines: the host's (before releasing the vCPU) plus the
+        // guest's (after an early release), as a share of the time waited.
+        let guestSpinNanoseconds = stride(from: 1, to: data.count, by: 2).reduce(0.0) { $0 + Double(max(0, -data[$1])) * microsecondsPerCycle * 1000 }
+        let statistics = strategy.statistics
+        let waited = max(Double(statistics.waitNanoseconds), Double(settings.periods * settings.intervalMicroseconds) * 1000)
         return CyclicPathResult(name: name, latenciesUs: latencies,
-                                spinCpuFraction: mode == .cyclicLongPoll ? strategy.statistics.spinFraction : nil)
+                                spinCpuFraction: (Double(statistics.spinNanoseconds) + guestSpinNanoseconds) / waited)
     }
 }
 

@@ -71,7 +71,7 @@ struct CyclicTestCommand: ParsableCommand {
         guard online.contains(measuringCPU) else { throw ValidationError("CPU \(measuringCPU) is not available (online: \(online))") }
         let periods = count ?? min(131_072, max(10, Int(duration * 1e6) / interval))
         let policy = RealtimePolicy(schedulingClass: priority == 0 ? .other() : .fifo(priority: priority),
-                                    cpus: CPUSet([measuringCPU]), timerSlackNanoseconds: 1)
+                                    cpus: CPUSet([measuringCPU]), timerSlackNanoseconds: 1, lockMemory: true)
         let quiet = json
         let settings = CyclicSettings(intervalMicroseconds: interval, periods: periods, policy: policy) { path, fraction in
             guard !quiet else { return }

@@ -21,8 +21,9 @@ final class CyclicGuestTests: XCTestCase {
         XCTAssertEqual(runner.waitForAll(timeoutNanoseconds: 30_000_000_000), [.guestRequested(status: 0)])
         let elapsed = Double(monotonicNanoseconds() - start) / 1e6
         XCTAssertGreaterThan(elapsed, Double(periods) * 0.95, "the guest really waited \(periods) periods of 1 ms")
-        let lateness = try machine.readSignedData(ofVCPU: 0, count: periods)
-        XCTAssertTrue(lateness.allSatisfy { $0 >= 0 }, "the guest never resumes before its deadline")
+        let data = try machine.readSignedData(ofVCPU: 0, count: 2 * periods)
+        let lateness = stride(from: 0, to: data.count, by: 2).map { data[$0] }
+        XCTAssertTrue(lateness.allSatisfy { $0 >= 0 }, "the guest never resumes before its deadline (it spins after an early release)")
         XCTAssertEqual(server.statistics(vcpu: 0)?.parkedCalls, UInt64(periods))
         XCTAssertGreaterThan(strategy.statistics.timedWakes, 0)
         server.shutdown()

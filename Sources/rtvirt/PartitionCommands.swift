@@ -99,6 +99,7 @@ struct RunawayReport: Codable {
     var withoutPartition: Phase
     var cleanupMs: Double
     var leftoverGroups: Int
+    var numa: String
 }
 
 struct RunawayCommand: ParsableCommand {
@@ -143,12 +144,17 @@ struct RunawayCommand: ParsableCommand {
         let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)
         var cleanupMs = 0.0
         var withPhase = RunawayReport.Phase(housekeepingShare: 0)
+        var numaMessage = ""
         do {
             defer {
                 // Whatever happened, stop the guest and remove the partition; time it.
                 cleanupMs = cleanupMs == 0 ? Double(partition.remove()) / 1e6 : cleanupMs
             }
-            let rate = try Self.measure(system: system, cpu: rtCPU, seconds: seconds, partition: partition) { stopStart in
+            let rate = try Self.measure(system: system, cpu: rtCPU, seconds: seconds, partition: partition, onMachine: { machine in
+                // Guest memory on the plan's node (libnuma); a no-op that says so on one-node hosts.
+                let region = machine.vm.guestMemory.regions[0]
+                numaMessage = NUMABinding.bindMemory(region.mapping.pointer, size: Int(region.size), node: plan.memoryNode ?? 0)
+            }) { stopStart in
                 let stopNanoseconds = monotonicNanoseconds() - stopStart
                 cleanupMs = Double(stopNanoseconds + partition.remove()) / 1e6
             } statBeforeCleanup: {
@@ -163,7 +169,7 @@ struct RunawayCommand: ParsableCommand {
         let report = RunawayReport(kvmModule: module.rawValue, budget: budget.description, cpu: rtCPU, seconds: seconds,
                                    withPartition: withPhase,
                                    withoutPartition: RunawayReport.Phase(housekeepingShare: withoutRate / idleRate),
-                                   cleanupMs: cleanupMs, leftoverGroups: leftovers)
+                                   cleanupMs: cleanupMs, leftoverGroups: leftovers, numa: numaMessage)
         if json {
             try printJSON(report)
             return
@@ -172,13 +178,16 @@ struct RunawayCommand: ParsableCommand {
                      rtCPU, report.withPartition.throttledPeriods.map(String.init) ?? "n/a"))
         print(String(format: "without partition: housekeeping got %.2f of CPU %d (global sched_rt_runtime_us only)", report.withoutPartition.housekeepingShare, rtCPU))
         print(String(format: "stop to everything cleaned: %.2f ms; leftover groups: %d", cleanupMs, leftovers))
+        print("NUMA: \(numaMessage)")
     }
 
     /// Runs a spinning guest on a SCHED_FIFO vCPU pinned to `cpu` (in `partition` if given)
     /// while a counter on the same CPU runs; returns the counter's rate.
     static func measure(system: KVMSystem, cpu: Int, seconds: Double, partition: CgroupPartition?,
+                        onMachine: (BundledGuestMachine) -> Void = { _ in },
                         stopped: (UInt64) -> Void, statBeforeCleanup: () -> Void) throws -> Double {
         let machine = try BundledGuestMachine(system: system, vcpus: [BundledGuestVCPU(mode: .spin)])
+        onMachine(machine)
         let scheduler = RealtimeVCPUScheduler(policies: [0: RealtimePolicy(schedulingClass: .fifo(priority: 10), cpus: [cpu])],
                                               partition: partition)
         let runner = try VirtualMachineRunner(vcpus: machine.vcpus, bus: machine.makeBus(),

@@ -19,6 +19,8 @@ _start:
     je mode_halt
     cmp $GUEST_MODE_CYCLIC_INTERRUPT, %rdi
     je mode_cyclic_interrupt
+    cmp $GUEST_MODE_STRING_IO, %rdi
+    je mode_string_io
     call guest_c_main     /* SysV: rdi mode, rsi, rdx, rcx slot, r8 data; returns the status */
     jmp guest_exit
 
@@ -83,6 +85,27 @@ mode_mmio:
     movw 26(%rbx), %ax
     inc %ax
     movw %ax, 28(%rbx)
+    xor %eax, %eax
+    jmp guest_exit
+
+/* String port I/O: four bytes out with rep outsb, three words in with rep insw, each word
+ * then reported with a plain out. */
+mode_string_io:
+    lea string_out(%rip), %rsi
+    mov $GUEST_PORT_RESULT, %dx
+    mov $4, %ecx
+    rep outsb
+    lea string_in(%rip), %rdi
+    mov $GUEST_PORT_INPUT, %dx
+    mov $3, %ecx
+    rep insw
+    mov $GUEST_PORT_RESULT, %dx
+    movzwl string_in(%rip), %eax
+    out %eax, %dx
+    movzwl string_in+2(%rip), %eax
+    out %eax, %dx
+    movzwl string_in+4(%rip), %eax
+    out %eax, %dx
     xor %eax, %eax
     jmp guest_exit
 
@@ -173,3 +196,7 @@ timer_interrupt:
     .balign 8
 timer_tsc:
     .quad 0
+string_out:
+    .ascii "RTV!"
+string_in:
+    .word 0, 0, 0

@@ -36,6 +36,7 @@
 #define GUEST_MODE_RPC_DEMO  6 /* VMRPC null, clock.read, then serve reverse calls until told to stop */
 #define GUEST_MODE_RPC_BENCH 7 /* RSI pairs of (bare exit, null call), cycles of each into the data buffer */
 #define GUEST_MODE_CYCLIC_LONG_POLL  8 /* RSI periods of RDX TSC cycles, waiting with VMRPC timer.sleepUntil (CPL 3) */
+#define GUEST_MODE_STRING_IO 10 /* rep outsb of "RTV!" to the result port; rep insw of 3 words from the input port, each reported */
 #define GUEST_MODE_CYCLIC_INTERRUPT 9 /* the same with the LAPIC TSC-deadline timer, sti; hlt (CPL 0, needs the irqchip) */
 
 /* The cyclic modes store, per period i, (TSC at resume - deadline i) as a signed 64-bit value:

@@ -52,6 +52,29 @@ int rtv_exit_complete_io_in(struct kvm_run *run, size_t run_size, uint64_t value
     return 0;
 }
 
+static int rtv_io_element_offset(const struct kvm_run *run, size_t run_size, uint32_t index, uint64_t *offset) {
+    if (run->exit_reason != KVM_EXIT_IO || run->io.size > 8 || index >= run->io.count) return -1;
+    uint64_t start = run->io.data_offset + (uint64_t)index * run->io.size;
+    if (start < run->io.data_offset || start > run_size || run->io.size > run_size - start) return -1;
+    *offset = start;
+    return 0;
+}
+
+int rtv_exit_io_element(const struct kvm_run *run, size_t run_size, uint32_t index, uint64_t *value) {
+    uint64_t offset;
+    if (rtv_io_element_offset(run, run_size, index, &offset) != 0) return -1;
+    *value = 0;
+    memcpy(value, (const uint8_t *)run + offset, run->io.size);
+    return 0;
+}
+
+int rtv_exit_set_io_element(struct kvm_run *run, size_t run_size, uint32_t index, uint64_t value) {
+    uint64_t offset;
+    if (run->io.direction != KVM_EXIT_IO_IN || rtv_io_element_offset(run, run_size, index, &offset) != 0) return -1;
+    memcpy((uint8_t *)run + offset, &value, run->io.size);
+    return 0;
+}
+
 int rtv_exit_complete_mmio_read(struct kvm_run *run, uint64_t value) {
     if (run->exit_reason != KVM_EXIT_MMIO || run->mmio.is_write || run->mmio.len > 8) return -1;
     memcpy(run->mmio.data, &value, run->mmio.len);

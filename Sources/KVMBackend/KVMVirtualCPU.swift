@@ -68,7 +68,32 @@ public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
         }
         var info = rtv_exit_info()
         rtv_exit_decode(runArea, runAreaSize, &info)
+        if Int32(info.reason) == KVM_EXIT_IO, info.io_count > 1, [1, 2, 4].contains(info.io_size) {
+            return stringIOExit(info)
+        }
         return Self.exit(from: info)
+    }
+
+    /// A `rep ins`/`rep outs` exit; elements outside the kvm_run area make it unsupported.
+    private func stringIOExit(_ info: rtv_exit_info) -> VCPUExit {
+        let count = Int(info.io_count), size = Int(info.io_size)
+        if Int32(info.io_direction) == KVM_EXIT_IO_IN {
+            var probe: UInt64 = 0
+            guard rtv_exit_io_element(runArea, runAreaSize, UInt32(count - 1), &probe) == 0 else {
+                return .unsupported(reason: info.reason, detail: "string port-in of \(count) elements outside kvm_run")
+            }
+            return .portInString(port: info.io_port, size: size, count: count)
+        }
+        var values: [UInt64] = []
+        values.reserveCapacity(count)
+        for index in 0..<count {
+            var value: UInt64 = 0
+            guard rtv_exit_io_element(runArea, runAreaSize, UInt32(index), &value) == 0 else {
+                return .unsupported(reason: info.reason, detail: "string port-out element \(index) outside kvm_run")
+            }
+            values.append(value)
+        }
+        return .portOutString(port: info.io_port, size: size, data: values)
     }
 
     static func exit(from info: rtv_exit_info) -> VCPUExit {
@@ -79,7 +104,7 @@ public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
                 return .unsupported(reason: info.reason, detail: "port I/O of size \(size)")
             }
             guard info.io_count == 1 else {
-                return .unsupported(reason: info.reason, detail: "string port I/O (count \(info.io_count)) at port 0x\(String(info.io_port, radix: 16))")
+                return .unsupported(reason: info.reason, detail: "port I/O with count \(info.io_count) at port 0x\(String(info.io_port, radix: 16))")
             }
             if Int32(info.io_direction) == KVM_EXIT_IO_OUT {
                 return .portOut(port: info.io_port, size: size, data: info.io_data)
@@ -105,6 +130,14 @@ public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
 
     public func completePortIn(_ value: UInt64) throws {
         guard rtv_exit_complete_io_in(runArea, runAreaSize, value) == 0 else { throw KVMError.noPendingRead("port-in") }
+    }
+
+    public func completePortInString(_ values: [UInt64]) throws {
+        for (index, value) in values.enumerated() {
+            guard rtv_exit_set_io_element(runArea, runAreaSize, UInt32(index), value) == 0 else {
+                throw KVMError.noPendingRead("string port-in element \(index)")
+            }
+        }
     }
 
     public func completeMMIORead(_ value: UInt64) throws {

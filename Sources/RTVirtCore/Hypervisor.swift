@@ -27,6 +27,8 @@ public protocol VirtualCPU: AnyObject, Sendable {
     func run() throws -> VCPUExit
     /// Answers the pending port-in exit with `value` (its low `size` bytes).
     func completePortIn(_ value: UInt64) throws
+    /// Answers the pending string port-in exit with one value per element.
+    func completePortInString(_ values: [UInt64]) throws
     /// Answers the pending MMIO-read exit with `value` (its low `size` bytes).
     func completeMMIORead(_ value: UInt64) throws
     /// Makes a current or the next `run()` return `.interrupted` promptly; safe from any thread.

@@ -7,6 +7,11 @@ public enum VCPUExit: Equatable, Sendable {
     case portIn(port: UInt16, size: Int)
     /// The guest executed `out` to `port`, writing the low `size` bytes of `data`.
     case portOut(port: UInt16, size: Int, data: UInt64)
+    /// The guest executed `rep ins` from `port`: `count` elements of `size` bytes. Answer with
+    /// `VirtualCPU.completePortInString(_:)`.
+    case portInString(port: UInt16, size: Int, count: Int)
+    /// The guest executed `rep outs` to `port`: one value per element, each `size` bytes.
+    case portOutString(port: UInt16, size: Int, data: [UInt64])
     /// The guest read `size` bytes (1...8) at an address with no memory behind it.
     case mmioRead(address: GuestAddress, size: Int)
     /// The guest wrote the low `size` bytes of `data` at an address with no memory behind it.

@@ -83,6 +83,12 @@ public final class VCPURunLoop: Sendable {
                     if let stop = handleWrite(.port, UInt64(port), size, data, id) { return stop }
                 case let .portIn(port, size):
                     try vcpu.completePortIn(handleRead(.port, UInt64(port), size, id))
+                case let .portOutString(port, size, values):
+                    for value in values {
+                        if let stop = handleWrite(.port, UInt64(port), size, value, id) { return stop }
+                    }
+                case let .portInString(port, size, count):
+                    try vcpu.completePortInString((0..<count).map { _ in handleRead(.port, UInt64(port), size, id) })
                 case let .mmioWrite(address, size, data):
                     if let stop = handleWrite(.mmio, address.rawValue, size, data, id) { return stop }
                 case let .mmioRead(address, size):

@@ -35,6 +35,9 @@ public enum BundledGuestMode: UInt64, Sendable, CaseIterable {
     /// The same with the LAPIC TSC-deadline timer and `sti; hlt` at CPL 0 (needs the
     /// in-kernel irqchip).
     case cyclicInterrupt = 9
+    /// `rep outsb` of "RTV!" to the result port, then `rep insw` of three words from the input
+    /// port, each reported with a plain `out`.
+    case stringIO = 10
 
     /// The LCG multiplier and increment the `compute` mode uses.
     public static let lcgMultiplier: UInt64 = 6_364_136_223_846_793_005

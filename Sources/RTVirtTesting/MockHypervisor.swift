@@ -96,7 +96,7 @@ public final class MockVirtualCPU: VirtualCPU {
             let exit = state.script[state.position]
             state.position += 1
             switch exit {
-            case .portIn, .mmioRead: state.pendingRead = true
+            case .portIn, .portInString, .mmioRead: state.pendingRead = true
             default: state.pendingRead = false
             }
             return exit
@@ -104,6 +104,15 @@ public final class MockVirtualCPU: VirtualCPU {
     }
 
     public func completePortIn(_ value: UInt64) throws { try completeRead(value) }
+    public func completePortInString(_ values: [UInt64]) throws {
+        let hadPendingRead = state.withLock { state -> Bool in
+            guard state.pendingRead else { return false }
+            state.pendingRead = false
+            state.replies.append(contentsOf: values)
+            return true
+        }
+        if !hadPendingRead { throw MockError.noPendingRead }
+    }
     public func completeMMIORead(_ value: UInt64) throws { try completeRead(value) }
 
     private func completeRead(_ value: UInt64) throws {

@@ -161,3 +161,16 @@ final class KickSignalMaskTests: XCTestCase {
         XCTAssertEqual(runner.waitForAll(timeoutNanoseconds: 5_000_000_000), [.stopRequested])
     }
 }
+
+final class StringPortIOTests: XCTestCase {
+    func testRepOutsAndRepInsReachTheBusElementByElement() throws {
+        let kvm = try openKVMOrSkip()
+        let machine = try BundledGuestMachine(system: kvm, vcpus: [BundledGuestVCPU(mode: .stringIO)])
+        machine.ports.queueInput([0x1111, 0x2222, 0x3333])
+        let runner = try machine.start()
+        XCTAssertEqual(runner.waitForAll(timeoutNanoseconds: 30_000_000_000), [.guestRequested(status: 0)])
+        print("string I/O guest: \(runner.loops[0].statistics.exits.load(ordering: .relaxed)) exits")
+        XCTAssertEqual(machine.ports.results(ofVCPU: 0), [0x52, 0x54, 0x56, 0x21, 0x1111, 0x2222, 0x3333], "R T V ! then the words")
+        XCTAssertEqual(machine.ports.inputReads.map(\.size), [2, 2, 2])
+    }
+}

@@ -82,3 +82,20 @@ final class RunLoopTests: XCTestCase {
         XCTAssertGreaterThan(SystemMonotonicClock().nowNanoseconds(), 0)
     }
 }
+
+final class StringIORunLoopTests: XCTestCase {
+    func testStringExitsAreHandledPerElement() throws {
+        let vm = try MockHypervisor().makeMockVirtualMachine()
+        let cpu = try vm.makeMockVCPU(id: 0, script: [
+            .portOutString(port: 0x601, size: 1, data: [1, 2, 0x1FF]),
+            .portInString(port: 0x600, size: 2, count: 3),
+            .portOutString(port: 0x600, size: 4, data: [0xDEAD, 7]), // stops at the first element
+        ])
+        var bus = IOBus()
+        let device = CountingDevice(name: 9)
+        try bus.register(device, space: .port, base: 0x600, length: 2)
+        let loop = VCPURunLoop(vcpu: cpu, bus: bus)
+        XCTAssertEqual(loop.run(), .guestRequested(status: 0xDEAD))
+        XCTAssertEqual(cpu.readReplies, [(9 << 32) & 0xFFFF, (9 << 32) & 0xFFFF, (9 << 32) & 0xFFFF])
+    }
+}

@@ -95,6 +95,12 @@ void rtv_exit_decode(const struct kvm_run *run, size_t run_size, struct rtv_exit
 /// Returns 0, or -1 when the current exit is not a port-in or the offset is out of range.
 int rtv_exit_complete_io_in(struct kvm_run *run, size_t run_size, uint64_t value);
 
+/// Element `index` of a string port I/O exit (`rep ins`/`rep outs`, io.count > 1): reads it into
+/// `*value` (out) or, for `rtv_exit_set_io_element`, stores `value` (in). Return 0, or -1 when the
+/// exit is not port I/O or the element lies outside the kvm_run area.
+int rtv_exit_io_element(const struct kvm_run *run, size_t run_size, uint32_t index, uint64_t *value);
+int rtv_exit_set_io_element(struct kvm_run *run, size_t run_size, uint32_t index, uint64_t value);
+
 /// Stores the reply to an MMIO-read exit. Returns 0, or -1 when the exit is not an MMIO read.
 int rtv_exit_complete_mmio_read(struct kvm_run *run, uint64_t value);
 

@@ -111,9 +111,13 @@ final class X86LongModeTests: XCTestCase {
         ]
         for (name, value) in expected { XCTAssertEqual(defines[name], value, name) }
         for mode in BundledGuestMode.allCases {
-            let snake = String(describing: mode).reduce(into: "") { text, character in
-                if character.isUppercase { text += "_" }
-                text += character.uppercased()
+            // camelCase to SNAKE_CASE, keeping acronyms together (stringIO -> STRING_IO).
+            var snake = ""
+            var previous: Character?
+            for character in String(describing: mode) {
+                if character.isUppercase, previous?.isLowercase == true { snake += "_" }
+                snake += character.uppercased()
+                previous = character
             }
             let name = "GUEST_MODE_" + snake
             XCTAssertEqual(defines[name], mode.rawValue, name)

@@ -23,6 +23,14 @@ public struct VMRPCByteReader {
         return Array(bytes[offset..<offset + count])
     }
 
+    /// Reads a u32 length, then that many bytes; throws `badArguments` when the length is over
+    /// `maximum` or more than what remains.
+    public mutating func readLengthPrefixedBytes(maximum: Int) throws(VMRPCStatus) -> [UInt8] {
+        let length: UInt32 = try read()
+        guard length <= UInt32(maximum) else { throw .badArguments }
+        return try readBytes(count: Int(length))
+    }
+
     mutating func unchecked<T: FixedWidthInteger>() -> T {
         var value = T.zero
         // Sound: callers check (or, for headers, the caller's buffer is a full header) that
@@ -51,6 +59,12 @@ public struct VMRPCByteWriter {
 
     /// Appends raw bytes.
     public mutating func append(bytes more: some Collection<UInt8>) { bytes.append(contentsOf: more) }
+
+    /// Appends a u32 length, then the bytes.
+    public mutating func appendLengthPrefixed(_ more: [UInt8]) {
+        append(UInt32(more.count))
+        append(bytes: more)
+    }
 }
 
 /// A value that travels as VMRPC arguments or results.

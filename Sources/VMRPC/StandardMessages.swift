@@ -90,13 +90,11 @@ public struct VMRPCReverseCallDelivery: VMRPCMessage, Equatable {
     public init(decoding reader: inout VMRPCByteReader) throws(VMRPCStatus) {
         callID = try reader.read()
         procedure = try reader.read()
-        let length: UInt32 = try reader.read()
-        guard length <= UInt32(Self.maximumPayloadLength) else { throw .badArguments }
-        payload = try reader.readBytes(count: Int(length))
+        payload = try reader.readLengthPrefixedBytes(maximum: Self.maximumPayloadLength)
     }
 
     public func encode(into writer: inout VMRPCByteWriter) {
-        writer.append(callID); writer.append(procedure); writer.append(UInt32(payload.count)); writer.append(bytes: payload)
+        writer.append(callID); writer.append(procedure); writer.appendLengthPrefixed(payload)
     }
 }
 
@@ -117,12 +115,10 @@ public struct VMRPCReplyArguments: VMRPCMessage, Equatable {
     public init(decoding reader: inout VMRPCByteReader) throws(VMRPCStatus) {
         callID = try reader.read()
         status = try reader.read()
-        let length: UInt32 = try reader.read()
-        guard length <= UInt32(Self.maximumPayloadLength) else { throw .badArguments }
-        payload = try reader.readBytes(count: Int(length))
+        payload = try reader.readLengthPrefixedBytes(maximum: Self.maximumPayloadLength)
     }
 
     public func encode(into writer: inout VMRPCByteWriter) {
-        writer.append(callID); writer.append(status); writer.append(UInt32(payload.count)); writer.append(bytes: payload)
+        writer.append(callID); writer.append(status); writer.appendLengthPrefixed(payload)
     }
 }

@@ -82,12 +82,11 @@ public enum VMRPCStandardProcedures {
 /// release the next sleep. Used by one vCPU's calls only.
 public final class ReturnLatencyEstimator: Sendable {
     private struct State {
-        var samples: [Double] = []
-        var next = 0
+        var samples: RecentSamples<Double>
         var lastEarlyRelease: Double = 0
         var earlyRelease: Double = 0
     }
-    private let state = Mutex(State())
+    private let state: Mutex<State>
     /// Samples kept.
     public let window: Int
     /// The percentile of return latencies released early by (low, so the guest rarely arrives
@@ -101,6 +100,7 @@ public final class ReturnLatencyEstimator: Sendable {
         self.window = max(window, 1)
         self.percentile = percentile
         self.maximumNanoseconds = maximumNanoseconds
+        state = Mutex(State(samples: RecentSamples(capacity: window)))
     }
 
     /// Records the guest's arrival for the previous sleep (negative: it arrived early).
@@ -109,13 +109,8 @@ public final class ReturnLatencyEstimator: Sendable {
             // What the return took = how late it arrived + how early it was released.
             let sample = arrivalNanoseconds + state.lastEarlyRelease
             guard sample.isFinite, sample > -1e9, sample < 1e9 else { return }
-            if state.samples.count < window { state.samples.append(sample) } else {
-                state.samples[state.next] = sample
-                state.next = (state.next + 1) % window
-            }
-            let sorted = state.samples.sorted()
-            let estimate = sorted[min(sorted.count - 1, Int(Double(sorted.count - 1) * percentile))]
-            state.earlyRelease = min(max(0, estimate), maximumNanoseconds)
+            state.samples.append(sample)
+            state.earlyRelease = min(max(0, state.samples.percentile(percentile) ?? sample), maximumNanoseconds)
         }
     }
 

@@ -25,3 +25,17 @@ final class LatencySummaryTests: XCTestCase {
         XCTAssertTrue(rows[0].hasSuffix(" 3"))
     }
 }
+
+final class RecentSamplesTests: XCTestCase {
+    func testWindowKeepsTheNewestSamplesAndRanksDown() {
+        var window = RecentSamples<Int>(capacity: 4)
+        XCTAssertNil(window.percentile(0.5))
+        for value in [10, 20, 30, 40] { window.append(value) }
+        XCTAssertEqual(window.percentile(0), 10)
+        XCTAssertEqual(window.percentile(0.5), 20, "rank (4 - 1) * 0.5 = 1.5 rounds down")
+        XCTAssertEqual(window.percentile(1), 40)
+        window.append(50) // replaces 10
+        XCTAssertEqual(window.percentile(0), 20)
+        XCTAssertEqual(RecentSamples<Int>(capacity: 0).capacity, 1)
+    }
+}

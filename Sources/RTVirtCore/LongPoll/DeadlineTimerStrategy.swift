@@ -23,8 +23,7 @@ public final class DeadlineTimerStrategy: Sendable {
     }
 
     private struct State {
-        var recentErrors: [UInt64] = []
-        var nextSlot = 0
+        var recentErrors: RecentSamples<UInt64>
         var margin: UInt64
         var statistics = Statistics()
     }
@@ -37,7 +36,6 @@ public final class DeadlineTimerStrategy: Sendable {
     public let maximumSpinFraction: Double
     /// The percentile of recent wake errors the margin follows.
     public let percentile: Double
-    private let window: Int
     private let state: Mutex<State>
 
     /// A strategy starting at `initialMargin` nanoseconds.
@@ -47,8 +45,8 @@ public final class DeadlineTimerStrategy: Sendable {
         self.maximumMargin = maximumMargin
         self.maximumSpinFraction = maximumSpinFraction
         self.percentile = percentile
-        self.window = max(window, 1)
-        state = Mutex(State(margin: min(max(initialMargin, minimumMargin), maximumMargin)))
+        state = Mutex(State(recentErrors: RecentSamples(capacity: window),
+                            margin: min(max(initialMargin, minimumMargin), maximumMargin)))
     }
 
     /// The margin now in use, nanoseconds.
@@ -76,16 +74,9 @@ public final class DeadlineTimerStrategy: Sendable {
         let error = actual > requested ? actual - requested : 0
         state.withLock { state in
             state.statistics.timedWakes += 1
-            if state.recentErrors.count < window {
-                state.recentErrors.append(error)
-            } else {
-                state.recentErrors[state.nextSlot] = error
-                state.nextSlot = (state.nextSlot + 1) % window
-            }
-            let sorted = state.recentErrors.sorted()
-            let index = min(sorted.count - 1, Int(Double(sorted.count - 1) * percentile))
+            state.recentErrors.append(error)
             let guardBand: UInt64 = 1_000
-            state.margin = min(max(sorted[index] + guardBand, minimumMargin), maximumMargin)
+            state.margin = min(max((state.recentErrors.percentile(percentile) ?? error) + guardBand, minimumMargin), maximumMargin)
         }
     }
 

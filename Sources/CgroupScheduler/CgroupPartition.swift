@@ -72,6 +72,14 @@ public final class CgroupPartition: CPUPartitionAssigner {
         return writes
     }
 
+    /// The writes creating `plan`'s partition in this process would make now, given what the
+    /// shared `rtvirt` group holds in `backend`.
+    public static func plannedWrites(_ plan: PartitionPlan, backend: any CgroupBackend) -> [CgroupWrite] {
+        let parentRuntime = Int64(backend.value(name: "cpu.rt_runtime_us", group: projectSubtree, controller: "cpu") ?? "0") ?? 0
+        let parentCPUs = backend.value(name: "cpuset.cpus", group: projectSubtree, controller: "cpuset").flatMap(CPUSet.init(listFormat:)) ?? []
+        return plannedWrites(plan, vmGroup: vmGroup(for: plan), currentParentRuntime: parentRuntime, currentParentCPUs: parentCPUs)
+    }
+
     /// The VM group name for `plan` in this process.
     public static func vmGroup(for plan: PartitionPlan, pid: pid_t = getpid()) -> String {
         "\(projectSubtree)/\(plan.name)-\(pid)"
@@ -90,10 +98,8 @@ public final class CgroupPartition: CPUPartitionAssigner {
         restorer = FileCgroupBackend(hierarchy: hierarchy)
         vmGroup = Self.vmGroup(for: plan)
         Self.reclaimLeftovers(backend: backend) // partitions of processes that died
-        let parentRuntime = Int64(backend.value(name: "cpu.rt_runtime_us", group: projectSubtree, controller: "cpu") ?? "0") ?? 0
-        let parentCPUs = backend.value(name: "cpuset.cpus", group: projectSubtree, controller: "cpuset").flatMap(CPUSet.init(listFormat:)) ?? []
         do {
-            for write in Self.plannedWrites(plan, vmGroup: vmGroup, currentParentRuntime: parentRuntime, currentParentCPUs: parentCPUs) {
+            for write in Self.plannedWrites(plan, backend: backend) {
                 if !backend.groupExists(write.group, controller: write.controller) {
                     try backend.createGroup(write.group, controller: write.controller)
                 }

@@ -68,12 +68,8 @@ struct PartitionCommand: ParsableCommand {
             print("No RT budget per group here: the substitute is the global kernel.sched_rt_runtime_us (\(HostFiles().readLine("/proc/sys/kernel/sched_rt_runtime_us") ?? "?") µs per period) or SCHED_DEADLINE per vCPU thread.")
         }
         print("plan: real-time CPUs \(plan.realtimeCPUs), housekeeping CPUs \(plan.housekeepingCPUs), budget \(plan.budget), node \(node)")
-        let vmGroup = CgroupPartition.vmGroup(for: plan)
-        let parentRuntime = Int64(backend.value(name: "cpu.rt_runtime_us", group: projectSubtree, controller: "cpu") ?? "0") ?? 0
-        let parentCPUs = backend.value(name: "cpuset.cpus", group: projectSubtree, controller: "cpuset").flatMap(CPUSet.init(listFormat:)) ?? []
         print(dryRun ? "would write:" : "writes:")
-        for write in CgroupPartition.plannedWrites(plan, vmGroup: vmGroup, currentParentRuntime: parentRuntime,
-                                                   currentParentCPUs: parentCPUs) {
+        for write in CgroupPartition.plannedWrites(plan, backend: backend) {
             let mount = hierarchy.v1Mount(for: write.controller)?.path ?? "<\(write.controller) not mounted>"
             print("  \(mount)/\(write.group)/\(write.file) = \(write.value)")
         }

@@ -9,18 +9,7 @@ private func openDescriptorCount() -> Int {
 }
 
 private func mappings() -> [Substring] {
-    // /proc files report size 0, so read until EOF rather than trusting the size.
-    let fd = open("/proc/self/maps", O_RDONLY)
-    guard fd >= 0 else { return [] }
-    defer { close(fd) }
-    var bytes: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let count = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if count <= 0 { break }
-        bytes += chunk[0..<count]
-    }
-    return String(decoding: bytes, as: UTF8.self).split(separator: "\n")
+    (HostFiles().read("/proc/self/maps") ?? "").split(separator: "\n")
 }
 
 /// Whether any mapping contains `address`.

@@ -41,14 +41,19 @@ public final class VirtualMachineRunner: Sendable {
         self.results = results
     }
 
-    /// Dropping the runner stops every vCPU, then the threads are joined.
+    /// Dropping the runner stops the VM as `stop()` does; then the threads are joined.
     deinit {
         stop()
     }
 
-    /// Asks every vCPU to stop (kicking those inside the guest). Returns immediately.
+    /// Asks every vCPU to stop (kicking those inside the guest), and closes each vCPU on the
+    /// dispatcher: the VM has stopped, so whatever waits on it ends (the VMRPC server fails its
+    /// outstanding reverse calls with `vmStopped`). Returns immediately.
     public func stop() {
-        for loop in loops { loop.requestStop() }
+        for loop in loops {
+            loop.requestStop()
+            loop.dispatcher?.close(vcpu: loop.vcpu.id)
+        }
     }
 
     /// The stop reasons so far (nil for vCPUs still running), in vCPU order.

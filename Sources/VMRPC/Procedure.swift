@@ -54,8 +54,9 @@ public struct VMRPCProcedure: Sendable {
     }
 }
 
-/// Why a procedure table could not be built.
-public enum VMRPCRegistrationError: Error, Equatable, Sendable {
+/// Why a `VMRPCServer` could not be configured. These are the VMM's mistakes, never the
+/// guest's: each is refused when the server is made, and none traps.
+public enum VMRPCConfigurationError: Error, Equatable, Sendable, CustomStringConvertible {
     /// Id 0 is reserved.
     case reservedID
     /// Two procedures with one id.
@@ -64,4 +65,28 @@ public enum VMRPCRegistrationError: Error, Equatable, Sendable {
     case builtInID(UInt32)
     /// An argument length range outside 0 ... 1984.
     case invalidArgumentLength(UInt32)
+    /// The slot layout has fewer than one slot.
+    case invalidSlotCount(Int)
+    /// The layout's base is not a multiple of the 4096-byte slot size.
+    case slotBaseNotPageAligned(GuestAddress)
+    /// The slot of `vcpu` is not wholly inside one region of guest memory.
+    case slotOutsideGuestMemory(vcpu: Int)
+    /// The layout has more slots than the dispatcher has vCPUs.
+    case dispatcherTooSmall(slots: Int, dispatcherVCPUs: Int)
+    /// A `VMRPCLimits` value is out of range.
+    case invalidLimit(name: String, value: String)
+
+    public var description: String {
+        switch self {
+        case .reservedID: return "procedure id 0 is reserved"
+        case let .duplicateID(id): return "two procedures have id \(id)"
+        case let .builtInID(id): return "procedure id \(id) is the server's own (poll or reply)"
+        case let .invalidArgumentLength(id): return "procedure \(id) accepts argument lengths outside 0 ... \(VMRPCWire.maximumArgumentLength)"
+        case let .invalidSlotCount(count): return "a slot layout needs at least one slot, not \(count)"
+        case let .slotBaseNotPageAligned(base): return "the slot base \(base) is not 4096-byte aligned"
+        case let .slotOutsideGuestMemory(vcpu): return "the slot of vCPU \(vcpu) is not inside guest memory"
+        case let .dispatcherTooSmall(slots, vcpus): return "\(slots) slots but the dispatcher serves \(vcpus) vCPUs"
+        case let .invalidLimit(name, value): return "VMRPCLimits.\(name) = \(value) is out of range"
+        }
+    }
 }

@@ -1,3 +1,4 @@
+import Dispatch
 import RTVirtCore
 import Synchronization
 
@@ -8,7 +9,7 @@ public struct VMRPCSlotLayout: Equatable, Sendable {
     /// Number of slots (vCPUs).
     public var count: Int
 
-    /// A layout.
+    /// A layout. `VMRPCServer` checks it against guest memory and its dispatcher.
     public init(base: GuestAddress, count: Int) { self.base = base; self.count = count }
 
     /// The slot of `vcpu`, or nil when out of range.
@@ -20,19 +21,38 @@ public struct VMRPCSlotLayout: Equatable, Sendable {
 
 /// Limits that keep a hostile guest from costing the host more than a bounded amount.
 public struct VMRPCLimits: Equatable, Sendable {
-    /// Malformed calls a vCPU may make in a burst before its channel is marked broken.
+    /// Malformed calls a vCPU may make in a burst before its channel is marked broken (≥ 1).
     public var malformedCallBurst: Int = 1_000
-    /// Malformed calls per second a vCPU may sustain (the bucket's refill rate).
+    /// Malformed calls per second a vCPU may sustain (the bucket's refill rate, ≥ 0).
     public var malformedCallsPerSecond: Int = 1_000
     /// Longest a `poll` may park a vCPU, nanoseconds.
     public var maximumPollNanoseconds: UInt64 = 1_000_000_000
-    /// Reverse calls outstanding per vCPU.
+    /// Reverse calls outstanding per vCPU (1 ... 65535).
     public var reverseCallsPerVCPU: Int = 64
-    /// How many times one call may park its vCPU in a row.
+    /// How long a reverse call waits for the guest's reply when its caller gives no timeout.
+    public var reverseCallTimeoutNanoseconds: UInt64 = 10_000_000_000
+    /// How many times one call may park its vCPU in a row (≥ 1).
     public var maximumWaitsPerCall: Int = 8
+
+    /// The longest timeout a reverse call may have: one day.
+    public static let maximumReverseCallTimeoutNanoseconds: UInt64 = 86_400_000_000_000
 
     /// The defaults.
     public init() {}
+
+    /// Throws `VMRPCConfigurationError.invalidLimit` for the first value out of range.
+    public func validate() throws(VMRPCConfigurationError) {
+        func check(_ valid: Bool, _ name: String, _ value: some BinaryInteger) throws(VMRPCConfigurationError) {
+            guard valid else { throw .invalidLimit(name: name, value: "\(value)") }
+        }
+        try check(malformedCallBurst >= 1, "malformedCallBurst", malformedCallBurst)
+        try check(malformedCallsPerSecond >= 0, "malformedCallsPerSecond", malformedCallsPerSecond)
+        try check(maximumPollNanoseconds >= 1, "maximumPollNanoseconds", maximumPollNanoseconds)
+        try check((1...ReverseCallTable.maximumCapacity).contains(reverseCallsPerVCPU), "reverseCallsPerVCPU", reverseCallsPerVCPU)
+        try check((1...Self.maximumReverseCallTimeoutNanoseconds).contains(reverseCallTimeoutNanoseconds),
+                  "reverseCallTimeoutNanoseconds", reverseCallTimeoutNanoseconds)
+        try check(maximumWaitsPerCall >= 1, "maximumWaitsPerCall", maximumWaitsPerCall)
+    }
 }
 
 /// Counters of one vCPU's channel.
@@ -45,8 +65,21 @@ public struct VMRPCChannelStatistics: Equatable, Sendable {
     public var rejectedCalls: UInt64
     /// Calls that parked the vCPU.
     public var parkedCalls: UInt64
+    /// Responses whose results could not be written (answered `internal_error` instead).
+    public var failedResponses: UInt64
     /// Whether the channel is broken.
     public var broken: Bool
+}
+
+/// Where the completions of reverse calls run.
+public enum VMRPCCompletionContext: Sendable {
+    /// Asynchronously on this queue; never on a vCPU's thread. The default is a serial queue
+    /// of the server's own.
+    case queue(DispatchQueue)
+    /// On the thread that ended the call: the vCPU's thread for a guest's `reply`, the timer
+    /// queue for a timeout, the stopping thread for a stop. Only for completions as cheap as
+    /// resuming a continuation, and for deterministic tests.
+    case endingThread
 }
 
 /// The host side of VMRPC: validates each call a guest makes through its slot, runs the
@@ -57,6 +90,9 @@ public struct VMRPCChannelStatistics: Equatable, Sendable {
 /// nothing is read twice. Each vCPU has its own channel: no lock is shared between vCPUs on
 /// the call path. A malformed call is answered with an error status and counted; a vCPU that
 /// keeps sending them has its channel marked broken and only ever gets `channelBroken`.
+///
+/// Every reverse call ends exactly once: with the guest's reply, its timeout, a cancellation,
+/// or the VM's stop (the dispatcher closing the vCPU, `shutdown()`, or the server going away).
 public final class VMRPCServer: Sendable {
     /// Guest memory holding the slots.
     public let memory: any GuestMemory
@@ -68,14 +104,20 @@ public final class VMRPCServer: Sendable {
     public let features: VMRPCFeatures
     /// Limits.
     public let limits: VMRPCLimits
+    /// Where reverse-call completions run.
+    public let completionContext: VMRPCCompletionContext
     private let procedures: [UInt32: VMRPCProcedure]
     private let channels: [Channel]
+    private let timerQueue = DispatchQueue(label: "rtvirt.vmrpc.reverse-call-timeouts")
+    private let unrouted = Atomic<UInt64>(0)
+    private let closeToken: LongPollDispatcher.CloseHandlerToken
 
     final class Channel: Sendable {
         let doorbells = Atomic<UInt64>(0)
         let completed = Atomic<UInt64>(0)
         let rejected = Atomic<UInt64>(0)
         let parked = Atomic<UInt64>(0)
+        let failedResponses = Atomic<UInt64>(0)
         let broken = Atomic<Bool>(false)
         let reverseCalls: ReverseCallTable
         /// Token bucket for malformed calls: (tokens, last refill in ns). Only this vCPU's thread uses it.
@@ -86,11 +128,37 @@ public final class VMRPCServer: Sendable {
         }
     }
 
+    /// What a procedure id leads to.
+    private enum Route {
+        case procedure(VMRPCProcedure)
+        case poll
+        case reply
+
+        var argumentLength: ClosedRange<Int> {
+            switch self {
+            case .procedure(let procedure): return procedure.argumentLength
+            case .poll: return 8...8
+            case .reply: return 16...VMRPCWire.maximumArgumentLength
+            }
+        }
+
+        var requiredFeatures: VMRPCFeatures {
+            switch self {
+            case .procedure(let procedure): return procedure.requiredFeatures
+            case .poll, .reply: return .reverseCalls
+            }
+        }
+    }
+
     /// A server for the slots in `slots`, with `procedures` (ids must be unique and not 0,
     /// `poll` or `reply`, which the server provides when `features` has `.reverseCalls`).
+    /// - Throws: `VMRPCConfigurationError` when a procedure, the slot layout (not page-aligned,
+    ///   not wholly inside guest memory, more slots than the dispatcher has vCPUs) or a limit is
+    ///   invalid. Nothing traps.
     public init(memory: any GuestMemory, slots: VMRPCSlotLayout, dispatcher: LongPollDispatcher,
                 procedures: [VMRPCProcedure], features: VMRPCFeatures = .all,
-                limits: VMRPCLimits = VMRPCLimits()) throws(VMRPCRegistrationError) {
+                limits: VMRPCLimits = VMRPCLimits(),
+                completionContext: VMRPCCompletionContext? = nil) throws(VMRPCConfigurationError) {
         var table: [UInt32: VMRPCProcedure] = [:]
         for procedure in procedures {
             guard procedure.id != 0 else { throw .reservedID }
@@ -101,34 +169,80 @@ public final class VMRPCServer: Sendable {
             }
             table[procedure.id] = procedure
         }
+        try limits.validate()
+        try Self.validate(slots, memory: memory, dispatcher: dispatcher)
         self.memory = memory
         self.slots = slots
         self.dispatcher = dispatcher
         self.features = features
         self.limits = limits
+        self.completionContext = completionContext ?? .queue(DispatchQueue(label: "rtvirt.vmrpc.reverse-call-completions"))
+        self.procedures = table
         let now = dispatcher.clock.nowNanoseconds()
-        channels = (0..<slots.count).map { _ in Channel(limits: limits, now: now) }
-        var withBuiltIns = table
-        if features.contains(.reverseCalls) {
-            withBuiltIns[VMRPCProcedureID.poll] = Self.pollProcedure(limits: limits, clock: dispatcher.clock)
+        let channels = (0..<slots.count).map { _ in Channel(limits: limits, now: now) }
+        self.channels = channels
+        // The VM stopping (the runner closing the vCPU) ends that vCPU's reverse calls.
+        let context = self.completionContext
+        closeToken = dispatcher.addCloseHandler { vcpu in
+            guard channels.indices.contains(vcpu) else { return }
+            for call in channels[vcpu].reverseCalls.endAll() {
+                Self.complete(call.completion, with: .failure(.vmStopped), in: context)
+            }
         }
-        self.procedures = withBuiltIns
+    }
+
+    private static func validate(_ slots: VMRPCSlotLayout, memory: any GuestMemory,
+                                 dispatcher: LongPollDispatcher) throws(VMRPCConfigurationError) {
+        guard slots.count >= 1 else { throw .invalidSlotCount(slots.count) }
+        guard slots.count <= dispatcher.vcpuCount else {
+            throw .dispatcherTooSmall(slots: slots.count, dispatcherVCPUs: dispatcher.vcpuCount)
+        }
+        guard slots.base.rawValue % UInt64(VMRPCWire.slotSize) == 0 else { throw .slotBaseNotPageAligned(slots.base) }
+        for vcpu in 0..<slots.count {
+            guard let address = slots.address(ofVCPU: vcpu),
+                  (try? memory.withHostPointer(at: address, length: UInt64(VMRPCWire.slotSize), { _ in })) != nil else {
+                throw .slotOutsideGuestMemory(vcpu: vcpu)
+            }
+        }
+    }
+
+    /// A server that goes away ends its reverse calls with `vmStopped`.
+    deinit {
+        dispatcher.removeCloseHandler(closeToken)
+        for (vcpu, channel) in channels.enumerated() {
+            for call in channel.reverseCalls.endAll() {
+                dispatcher.withdraw(messageID: call.id, from: vcpu)
+                Self.complete(call.completion, with: .failure(.vmStopped), in: completionContext)
+            }
+        }
     }
 
     /// The procedure ids the guest can call, ascending.
     public var procedureIDs: [UInt32] {
-        (Array(procedures.keys) + (features.contains(.reverseCalls) ? [VMRPCProcedureID.reply] : [])).sorted()
+        (Array(procedures.keys) + (features.contains(.reverseCalls) ? [VMRPCProcedureID.poll, VMRPCProcedureID.reply] : [])).sorted()
     }
 
     /// A bus device that forwards doorbells (port or MMIO writes) to this server.
     public func makeDoorbell() -> VMRPCDoorbell { VMRPCDoorbell(server: self) }
 
+    private func route(_ procedure: UInt32) -> Route? {
+        if features.contains(.reverseCalls) {
+            if procedure == VMRPCProcedureID.poll { return .poll }
+            if procedure == VMRPCProcedureID.reply { return .reply }
+        }
+        return procedures[procedure].map { .procedure($0) }
+    }
+
     // MARK: Handling a call (on the calling vCPU's thread)
 
     /// Handles the call in `vcpu`'s slot. Returns when the response is written; a blocking
-    /// procedure keeps the calling thread here until its event.
+    /// procedure keeps the calling thread here until its event. A doorbell from a vCPU without
+    /// a slot is counted (`unroutedDoorbells`) and otherwise ignored: there is nowhere to answer.
     public func handleDoorbell(vcpu: Int) {
-        guard let slot = slots.address(ofVCPU: vcpu), channels.indices.contains(vcpu) else { return }
+        guard let slot = slots.address(ofVCPU: vcpu), channels.indices.contains(vcpu) else {
+            unrouted.wrappingAdd(1, ordering: .relaxed)
+            return
+        }
         let channel = channels[vcpu]
         channel.doorbells.wrappingAdd(1, ordering: .relaxed)
 
@@ -136,25 +250,21 @@ public final class VMRPCServer: Sendable {
         var header = [UInt8](repeating: 0, count: VMRPCWire.responseOffset)
         guard (try? header.withUnsafeMutableBytes({ try memory.read(into: $0, at: slot) })) != nil else {
             channel.rejected.wrappingAdd(1, ordering: .relaxed)
-            return // the slot is outside guest memory: nowhere to answer
+            return // guest memory no longer holds the slot: nowhere to answer
         }
         let request = header.withUnsafeBytes { VMRPCRequestHeader(decoding: $0) }
         if channel.broken.load(ordering: .relaxed) {
-            return respond(slot, status: .channelBroken, results: [], sequence: request.sequence)
+            return respond(channel, slot, status: .channelBroken, results: [], sequence: request.sequence)
         }
         let headerStatus = request.validate(hostFeatures: features)
         guard headerStatus == .ok else { return reject(channel, slot, headerStatus, request.sequence) }
-
-        let isReply = request.procedure == VMRPCProcedureID.reply && features.contains(.reverseCalls)
-        guard isReply || procedures[request.procedure] != nil else {
+        guard let route = route(request.procedure) else {
             return reject(channel, slot, .unknownProcedure, request.sequence)
         }
-        let required = isReply ? VMRPCFeatures.reverseCalls : procedures[request.procedure]!.requiredFeatures
-        guard VMRPCFeatures(rawValue: request.features).isSuperset(of: required) else {
+        guard VMRPCFeatures(rawValue: request.features).isSuperset(of: route.requiredFeatures) else {
             return reject(channel, slot, .unsupportedFeature, request.sequence)
         }
-        let lengths = isReply ? 16...VMRPCWire.maximumArgumentLength : procedures[request.procedure]!.argumentLength
-        guard lengths.contains(Int(request.argumentLength)) else {
+        guard route.argumentLength.contains(Int(request.argumentLength)) else {
             return reject(channel, slot, .badArgumentLength, request.sequence)
         }
         var arguments = [UInt8](repeating: 0, count: Int(request.argumentLength))
@@ -164,9 +274,20 @@ public final class VMRPCServer: Sendable {
                 return reject(channel, slot, .badArgumentLength, request.sequence)
             }
         }
-        let context = VMRPCCallContext(vcpuID: vcpu, sequence: request.sequence,
-                                       features: VMRPCFeatures(rawValue: request.features))
-        var reply = isReply ? handleReply(channel, arguments) : procedures[request.procedure]!.handler(context, arguments)
+        var reply: VMRPCReply
+        switch route {
+        case .procedure(let procedure):
+            let context = VMRPCCallContext(vcpuID: vcpu, sequence: request.sequence,
+                                           features: VMRPCFeatures(rawValue: request.features))
+            reply = procedure.handler(context, arguments)
+        case .poll:
+            reply = poll(channel, arguments)
+        case .reply:
+            // A reply that names no call delivered to this vCPU is malformed: it is counted
+            // against the channel's budget, so guessing ids breaks the channel.
+            if let status = handleReply(channel, arguments) { return reject(channel, slot, status, request.sequence) }
+            reply = .done(status: .ok, results: [])
+        }
         var waits = 0
         while case let .wait(waitRequest, then) = reply {
             guard waits < limits.maximumWaitsPerCall else { reply = .failed(.internalError); break }
@@ -177,9 +298,9 @@ public final class VMRPCServer: Sendable {
         guard case let .done(status, results) = reply else { return }
         channel.completed.wrappingAdd(1, ordering: .relaxed)
         guard results.count <= VMRPCWire.maximumResultLength else {
-            return respond(slot, status: .internalError, results: [], sequence: request.sequence)
+            return respond(channel, slot, status: .internalError, results: [], sequence: request.sequence)
         }
-        respond(slot, status: status, results: results, sequence: request.sequence)
+        respond(channel, slot, status: status, results: results, sequence: request.sequence)
     }
 
     private func reject(_ channel: Channel, _ slot: GuestAddress, _ status: VMRPCStatus, _ sequence: UInt32) {
@@ -193,89 +314,176 @@ public final class VMRPCServer: Sendable {
             return budget.tokens < 0
         }
         if exhausted { channel.broken.store(true, ordering: .relaxed) }
-        respond(slot, status: exhausted ? .channelBroken : status, results: [], sequence: sequence)
+        respond(channel, slot, status: exhausted ? .channelBroken : status, results: [], sequence: sequence)
     }
 
-    /// Writes results, then the response header; the status is part of the last write.
-    private func respond(_ slot: GuestAddress, status: VMRPCStatus, results: [UInt8], sequence: UInt32) {
-        if !results.isEmpty, let resultsAddress = slot.checkedAdding(UInt64(VMRPCWire.resultsOffset)) {
-            try? memory.write(bytes: results, at: resultsAddress)
+    /// Writes results, then the response header; the status is part of the last write. When
+    /// the results cannot be written the call is answered `internal_error` without results.
+    private func respond(_ channel: Channel, _ slot: GuestAddress, status: VMRPCStatus, results: [UInt8], sequence: UInt32) {
+        var status = status, resultLength = results.count
+        if !results.isEmpty {
+            let written = slot.checkedAdding(UInt64(VMRPCWire.resultsOffset))
+                .map { (try? memory.write(bytes: results, at: $0)) != nil } ?? false
+            if !written {
+                channel.failedResponses.wrappingAdd(1, ordering: .relaxed)
+                status = .internalError
+                resultLength = 0
+            }
         }
-        let response = VMRPCResponseHeader(status: status, resultLength: UInt32(results.count), sequence: sequence,
+        let response = VMRPCResponseHeader(status: status, resultLength: UInt32(resultLength), sequence: sequence,
                                            hostFeatures: features)
-        if let responseAddress = slot.checkedAdding(UInt64(VMRPCWire.responseOffset)) {
-            try? memory.write(bytes: response.bytes, at: responseAddress)
-        }
+        let written = slot.checkedAdding(UInt64(VMRPCWire.responseOffset))
+            .map { (try? memory.write(bytes: response.bytes, at: $0)) != nil } ?? false
+        if !written { channel.failedResponses.wrappingAdd(1, ordering: .relaxed) }
     }
 
-    // MARK: Reverse calls
+    // MARK: Reverse calls: the guest's side
 
-    private static func pollProcedure(limits: VMRPCLimits, clock: any MonotonicClock) -> VMRPCProcedure {
-        .typed(id: VMRPCProcedureID.poll, name: "poll", argumentLength: 8...8, requiredFeatures: .reverseCalls,
-               arguments: VMRPCPoll.self) { _, poll in
-            let timeout = min(poll.timeoutNanoseconds, limits.maximumPollNanoseconds)
-            let request = LongPollRequest(deadline: clock.nowNanoseconds() &+ timeout, acceptsHostMessages: true)
-            return .wait(request) { result in
-                switch result {
-                case .hostMessage(let message):
-                    return .ok(VMRPCReverseCallDelivery(callID: message.id, procedure: message.procedure, payload: message.payload))
-                case .cancelled: return .failed(.cancelled)
-                case .deadlineReached, .parkLimitReached, .descriptorsReady: return .failed(.timedOut)
-                }
+    /// `poll`: parks until a reverse call for this vCPU is queued, or the timeout.
+    private func poll(_ channel: Channel, _ arguments: [UInt8]) -> VMRPCReply {
+        let poll: VMRPCPoll
+        do { poll = try VMRPCPoll.decode(arguments) } catch { return .failed(error) }
+        let timeout = min(poll.timeoutNanoseconds, limits.maximumPollNanoseconds)
+        return awaitDelivery(channel, LongPollRequest(deadline: dispatcher.clock.nowNanoseconds() &+ timeout,
+                                                      acceptsHostMessages: true))
+    }
+
+    private func awaitDelivery(_ channel: Channel, _ request: LongPollRequest) -> VMRPCReply {
+        .wait(request) { [self] result in
+            switch result {
+            case .hostMessage(let message):
+                // A call that ended while its message was queued is not handed out: wait on.
+                guard channel.reverseCalls.deliver(message.id) else { return awaitDelivery(channel, request) }
+                return .ok(VMRPCReverseCallDelivery(callID: message.id, procedure: message.procedure, payload: message.payload))
+            case .cancelled: return .failed(.cancelled)
+            case .deadlineReached, .parkLimitReached, .descriptorsReady: return .failed(.timedOut)
             }
         }
     }
 
-    private func handleReply(_ channel: Channel, _ arguments: [UInt8]) -> VMRPCReply {
+    /// `reply`: answers a delivered call. Returns the status to reject the call with, or nil.
+    private func handleReply(_ channel: Channel, _ arguments: [UInt8]) -> VMRPCStatus? {
         let reply: VMRPCReplyArguments
-        do { reply = try VMRPCReplyArguments.decode(arguments) } catch { return .failed(error) }
-        guard let completion = channel.reverseCalls.take(reply.callID) else { return .failed(.noSuchCall) }
-        completion(.success(VMRPCReverseCallReply(status: reply.status, payload: reply.payload)))
-        return .done(status: .ok, results: [])
+        do { reply = try VMRPCReplyArguments.decode(arguments) } catch { return error }
+        guard let completion = channel.reverseCalls.answer(reply.callID) else { return .noSuchCall }
+        Self.complete(completion, with: .success(VMRPCReverseCallReply(status: reply.status, payload: reply.payload)),
+                      in: completionContext)
+        return nil
     }
 
+    // MARK: Reverse calls: the host's side
+
     /// Sends a call into the guest on `vcpu`: it is delivered to the guest's next (or current)
-    /// `poll` on that vCPU, and `completion` runs (on the vCPU's thread) when the guest replies,
-    /// or with an error when the VM stops first.
-    public func reverseCall(vcpu: Int, procedure: UInt32, payload: [UInt8],
-                            completion: @escaping @Sendable (Result<VMRPCReverseCallReply, VMRPCReverseCallError>) -> Void) throws(VMRPCReverseCallError) {
+    /// `poll` on that vCPU, and ends with the guest's `reply`, after `timeoutNanoseconds`
+    /// (default `limits.reverseCallTimeoutNanoseconds`) with `.timedOut`, on
+    /// `cancelReverseCall` with `.cancelled`, or when the VM stops with `.vmStopped`.
+    ///
+    /// If this throws, `completion` never runs. Otherwise it runs exactly once, with the one
+    /// outcome, in `completionContext`.
+    @discardableResult
+    public func reverseCall(vcpu: Int, procedure: UInt32, payload: [UInt8], timeoutNanoseconds: UInt64? = nil,
+                            completion: @escaping @Sendable (Result<VMRPCReverseCallReply, VMRPCReverseCallError>) -> Void)
+        throws(VMRPCReverseCallError) -> VMRPCReverseCallHandle {
         guard channels.indices.contains(vcpu) else { throw .noSuchVCPU(vcpu) }
         guard payload.count <= VMRPCReverseCallDelivery.maximumPayloadLength else { throw .payloadTooLarge(payload.count) }
+        let timeout = timeoutNanoseconds ?? limits.reverseCallTimeoutNanoseconds
+        guard (1...VMRPCLimits.maximumReverseCallTimeoutNanoseconds).contains(timeout) else {
+            throw .invalidTimeout(nanoseconds: timeout)
+        }
         let channel = channels[vcpu]
         guard !channel.broken.load(ordering: .relaxed) else { throw .channelBroken(vcpu: vcpu) }
         guard let id = channel.reverseCalls.reserve(completion) else {
             throw .queueFull(vcpu: vcpu, capacity: channel.reverseCalls.capacity)
         }
+        let handle = VMRPCReverseCallHandle(vcpu: vcpu, callID: id)
+        armTimeout(handle, channel, nanoseconds: timeout)
         do {
             try dispatcher.post(HostMessage(id: id, procedure: procedure, payload: payload), to: vcpu)
         } catch {
-            _ = channel.reverseCalls.take(id)
+            // Nobody saw the message. If the call is still only reserved, no outcome exists
+            // yet: free it and throw. If it ended meanwhile (a stop, a timeout, a cancel), its
+            // completion has that outcome already: do not throw a second one.
+            guard channel.reverseCalls.release(id) else { return handle }
             switch error {
             case .queueFull(_, let capacity): throw .queueFull(vcpu: vcpu, capacity: capacity)
             case .noSuchVCPU: throw .noSuchVCPU(vcpu)
             case .closed: throw .vmStopped
             }
         }
+        if channel.reverseCalls.markQueued(id) == .ended {
+            dispatcher.withdraw(messageID: id, from: vcpu) // the call ended before its message was queued
+        }
+        return handle
     }
 
-    /// `reverseCall` as an async function.
-    public func reverseCall(vcpu: Int, procedure: UInt32, payload: [UInt8]) async throws(VMRPCReverseCallError) -> VMRPCReverseCallReply {
-        let result: Result<VMRPCReverseCallReply, VMRPCReverseCallError> = await withCheckedContinuation { continuation in
-            do throws(VMRPCReverseCallError) {
-                try reverseCall(vcpu: vcpu, procedure: procedure, payload: payload) { continuation.resume(returning: $0) }
-            } catch {
-                continuation.resume(returning: .failure(error))
+    /// `reverseCall` as an async function. Cancelling the task ends the call with `.cancelled`.
+    public func reverseCall(vcpu: Int, procedure: UInt32, payload: [UInt8],
+                            timeoutNanoseconds: UInt64? = nil) async throws(VMRPCReverseCallError) -> VMRPCReverseCallReply {
+        let started = Mutex<(handle: VMRPCReverseCallHandle?, cancelled: Bool)>((nil, false))
+        let result: Result<VMRPCReverseCallReply, VMRPCReverseCallError> = await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                do throws(VMRPCReverseCallError) {
+                    let handle = try reverseCall(vcpu: vcpu, procedure: procedure, payload: payload,
+                                                 timeoutNanoseconds: timeoutNanoseconds) { continuation.resume(returning: $0) }
+                    let cancelledAlready = started.withLock { state in
+                        state.handle = handle
+                        return state.cancelled
+                    }
+                    if cancelledAlready { cancelReverseCall(handle) }
+                } catch {
+                    continuation.resume(returning: .failure(error)) // the completion never runs
+                }
             }
+        } onCancel: {
+            let handle = started.withLock { state in
+                state.cancelled = true
+                return state.handle
+            }
+            if let handle { cancelReverseCall(handle) }
         }
         return try result.get()
     }
 
-    /// Stops the server: cancels parked calls, stops queues and fails every outstanding
-    /// reverse call with `.vmStopped`. Call when the VM stops.
+    /// Ends a reverse call with `.cancelled`. Returns false when it had already ended.
+    @discardableResult
+    public func cancelReverseCall(_ handle: VMRPCReverseCallHandle) -> Bool {
+        end(handle, with: .cancelled)
+    }
+
+    private func end(_ handle: VMRPCReverseCallHandle, with error: VMRPCReverseCallError) -> Bool {
+        guard channels.indices.contains(handle.vcpu),
+              let completion = channels[handle.vcpu].reverseCalls.end(handle.callID) else { return false }
+        dispatcher.withdraw(messageID: handle.callID, from: handle.vcpu)
+        Self.complete(completion, with: .failure(error), in: completionContext)
+        return true
+    }
+
+    private func armTimeout(_ handle: VMRPCReverseCallHandle, _ channel: Channel, nanoseconds: UInt64) {
+        let timer = DispatchSource.makeTimerSource(queue: timerQueue)
+        timer.schedule(deadline: .now() + .nanoseconds(Int(clamping: nanoseconds)))
+        timer.setEventHandler { [weak self] in _ = self?.end(handle, with: .timedOut) }
+        timer.activate()
+        if !channel.reverseCalls.attach(timer: ReverseCallTable.TimeoutTimer(timer), to: handle.callID) { timer.cancel() }
+    }
+
+    private static func complete(_ completion: @escaping ReverseCallTable.Completion,
+                                 with outcome: Result<VMRPCReverseCallReply, VMRPCReverseCallError>,
+                                 in context: VMRPCCompletionContext) {
+        switch context {
+        case .queue(let queue): queue.async { completion(outcome) }
+        case .endingThread: completion(outcome)
+        }
+    }
+
+    /// Stops the server: closes its vCPUs on the dispatcher (cancelling parked calls and
+    /// dropping queued messages) and ends every outstanding reverse call with `.vmStopped`.
+    /// `VirtualMachineRunner.stop()` has the same effect on the reverse calls.
     public func shutdown() {
         for (vcpu, channel) in channels.enumerated() {
-            _ = dispatcher.close(vcpu: vcpu)
-            for completion in channel.reverseCalls.takeAll() { completion(.failure(.vmStopped)) }
+            dispatcher.close(vcpu: vcpu)
+            for call in channel.reverseCalls.endAll() {
+                Self.complete(call.completion, with: .failure(.vmStopped), in: completionContext)
+            }
         }
     }
 
@@ -284,6 +492,9 @@ public final class VMRPCServer: Sendable {
         channels.indices.contains(vcpu) ? channels[vcpu].reverseCalls.outstanding : 0
     }
 
+    /// Doorbells from vCPUs that have no slot in the layout (ignored).
+    public var unroutedDoorbells: UInt64 { unrouted.load(ordering: .relaxed) }
+
     /// Counters of `vcpu`'s channel.
     public func statistics(vcpu: Int) -> VMRPCChannelStatistics? {
         guard channels.indices.contains(vcpu) else { return nil }
@@ -291,7 +502,7 @@ public final class VMRPCServer: Sendable {
         return VMRPCChannelStatistics(
             doorbells: channel.doorbells.load(ordering: .relaxed), completedCalls: channel.completed.load(ordering: .relaxed),
             rejectedCalls: channel.rejected.load(ordering: .relaxed), parkedCalls: channel.parked.load(ordering: .relaxed),
-            broken: channel.broken.load(ordering: .relaxed))
+            failedResponses: channel.failedResponses.load(ordering: .relaxed), broken: channel.broken.load(ordering: .relaxed))
     }
 
     /// Clears a broken channel (the VMM decides when to trust the guest again).

@@ -27,7 +27,7 @@ struct VMRPCFuzzReplayer {
                 print("cannot read \(path)")
                 exit(1)
             }
-            print("\(path): \(VMRPCFuzzHarness.run(Array(data))) doorbells")
+            print("\(path): \(VMRPCFuzzHarness.run(Array(data)))")
         }
     }
 }

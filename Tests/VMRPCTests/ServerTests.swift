@@ -40,7 +40,7 @@ final class ServerTests: XCTestCase {
                                   arguments: Array(badReply)), .badArguments)
         // Order: the first failing check wins.
         XCTAssertEqual(try status { $0.magic = 0; $0.version = 9 }, .badMagic)
-        XCTAssertEqual(harness.server.statistics(vcpu: 0)?.rejectedCalls, 12, "all but the bad reply, which its procedure rejected")
+        XCTAssertEqual(harness.server.statistics(vcpu: 0)?.rejectedCalls, 13)
         XCTAssertEqual(try client.null(), .ok, "a rejected call does not break a healthy channel")
     }
 
@@ -156,15 +156,15 @@ final class ServerTests: XCTestCase {
         XCTAssertEqual(try hostile.null(), .ok)
     }
 
-    func testDoorbellsOutsideTheLayoutOrMemoryAreHarmless() throws {
+    func testDoorbellsOutsideTheLayoutAreCountedAndHarmless() throws {
         let memory = GuestMemoryMap()
         try memory.addRegion(at: GuestAddress(0), size: 0x1000)
         let dispatcher = try LongPollDispatcher(vcpuCount: 4)
-        // Slots 1...3 lie outside guest memory.
-        let server = try VMRPCServer(memory: memory, slots: VMRPCSlotLayout(base: GuestAddress(0), count: 4),
+        let server = try VMRPCServer(memory: memory, slots: VMRPCSlotLayout(base: GuestAddress(0), count: 1),
                                      dispatcher: dispatcher, procedures: [VMRPCStandardProcedures.null()])
         for vcpu in [-1, 1, 3, 4, 1000] { server.handleDoorbell(vcpu: vcpu) }
-        XCTAssertEqual(server.statistics(vcpu: 1)?.rejectedCalls, 1)
+        XCTAssertEqual(server.unroutedDoorbells, 5)
+        XCTAssertNil(server.statistics(vcpu: 1))
         // An all-zero slot is a bad-magic call.
         server.handleDoorbell(vcpu: 0)
         XCTAssertEqual(try memory.read(UInt32.self, at: GuestAddress(32)), VMRPCStatus.badMagic.rawValue)
@@ -176,6 +176,7 @@ final class ServerTests: XCTestCase {
 
     func testRegistrationRules() throws {
         let memory = GuestMemoryMap()
+        try memory.addRegion(at: GuestAddress(0), size: 0x1000)
         let dispatcher = try LongPollDispatcher(vcpuCount: 1)
         let layout = VMRPCSlotLayout(base: GuestAddress(0), count: 1)
         func make(_ procedures: [VMRPCProcedure]) throws -> VMRPCServer {
@@ -183,16 +184,16 @@ final class ServerTests: XCTestCase {
         }
         let noop: @Sendable (VMRPCCallContext, [UInt8]) -> VMRPCReply = { _, _ in .failed(.ok) }
         XCTAssertThrowsError(try make([VMRPCProcedure(id: 0, name: "zero", argumentLength: 0...0, handler: noop)])) {
-            XCTAssertEqual($0 as? VMRPCRegistrationError, .reservedID)
+            XCTAssertEqual($0 as? VMRPCConfigurationError, .reservedID)
         }
         XCTAssertThrowsError(try make([VMRPCStandardProcedures.null(), VMRPCStandardProcedures.null()])) {
-            XCTAssertEqual($0 as? VMRPCRegistrationError, .duplicateID(1))
+            XCTAssertEqual($0 as? VMRPCConfigurationError, .duplicateID(1))
         }
         XCTAssertThrowsError(try make([VMRPCProcedure(id: 4, name: "poll", argumentLength: 0...0, handler: noop)])) {
-            XCTAssertEqual($0 as? VMRPCRegistrationError, .builtInID(4))
+            XCTAssertEqual($0 as? VMRPCConfigurationError, .builtInID(4))
         }
         XCTAssertThrowsError(try make([VMRPCProcedure(id: 9, name: "big", argumentLength: 0...1985, handler: noop)])) {
-            XCTAssertEqual($0 as? VMRPCRegistrationError, .invalidArgumentLength(9))
+            XCTAssertEqual($0 as? VMRPCConfigurationError, .invalidArgumentLength(9))
         }
         let withoutReverse = try VMRPCServer(memory: memory, slots: layout, dispatcher: dispatcher, procedures: [], features: [])
         XCTAssertEqual(withoutReverse.procedureIDs, [])

@@ -14,7 +14,8 @@ struct ManualGuestClock: GuestClockSource {
     }
 }
 
-/// A server over fresh guest memory, a manual clock and the standard procedures.
+/// A server over fresh guest memory, a manual clock and the standard procedures. Reverse-call
+/// completions run on the thread that ends the call, so a test sees them at once.
 struct ServerHarness {
     static let slotBase = GuestAddress(0x10000)
     let memory = GuestMemoryMap()
@@ -24,7 +25,8 @@ struct ServerHarness {
     let server: VMRPCServer
 
     init(vcpus: Int = 2, lateness: UInt64 = 0, extra: [VMRPCProcedure] = [], limits: VMRPCLimits = VMRPCLimits(),
-         clock: ManualClock = ManualClock(start: 1_000_000)) throws {
+         clock: ManualClock = ManualClock(start: 1_000_000),
+         completionContext: VMRPCCompletionContext = .endingThread) throws {
         try memory.addRegion(at: GuestAddress(0), size: 0x20000)
         self.clock = clock
         waiter = ManualClockWaiter(clock: clock, lateness: lateness)
@@ -32,7 +34,7 @@ struct ServerHarness {
         server = try VMRPCServer(memory: memory, slots: VMRPCSlotLayout(base: Self.slotBase, count: vcpus),
                                  dispatcher: dispatcher,
                                  procedures: VMRPCStandardProcedures.all(clock: ManualGuestClock(clock: clock)) + extra,
-                                 limits: limits)
+                                 limits: limits, completionContext: completionContext)
     }
 
     /// A guest client for `vcpu` whose doorbell calls the server synchronously.

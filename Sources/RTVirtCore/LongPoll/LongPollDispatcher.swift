@@ -10,6 +10,10 @@ import Synchronization
 /// vCPU parked for seconds never delays another. Messages posted while nobody waits stay
 /// queued for the next wait, in order; a cancellation stays in force until `resume(vcpu:)`.
 /// Time comes from an injectable clock and the blocking from an injectable `BlockingWaiter`.
+///
+/// Closing a vCPU (`close(vcpu:)`, which `VirtualMachineRunner.stop()` does for each of its
+/// vCPUs) means the VM stopped: the vCPU takes no more messages, and every close handler runs,
+/// so that whoever queued messages (the VMRPC server's reverse calls) can end them.
 public final class LongPollDispatcher: Sendable {
     /// Per-vCPU state.
     final class Channel: Sendable {
@@ -33,17 +37,28 @@ public final class LongPollDispatcher: Sendable {
     /// The longest a single wait may park a vCPU, in nanoseconds.
     public let maximumParkNanoseconds: UInt64
     private let timerStrategy: DeadlineTimerStrategy?
+    private let closeHandlers = Mutex<(next: UInt64, handlers: [UInt64: @Sendable (Int) -> Void])>((1, [:]))
+
+    /// The most vCPUs one dispatcher serves.
+    public static let maximumVCPUCount = 4096
 
     /// A dispatcher for vCPUs `0 ..< vcpuCount`.
     /// - Parameters:
+    ///   - vcpuCount: 1 ... `maximumVCPUCount`.
+    ///   - queueCapacity: host messages one vCPU's queue holds, at least 1.
     ///   - timerStrategy: how to wait for a deadline precisely (wake early, then spin);
     ///     nil: block until the deadline and accept the waiter's lateness.
+    /// - Throws: `LongPollSetupError` for a count out of range, or when an eventfd cannot be made.
     public init(vcpuCount: Int, clock: any MonotonicClock = SystemMonotonicClock(),
                 waiter: any BlockingWaiter = PollingWaiter(), queueCapacity: Int = 64,
                 maximumParkNanoseconds: UInt64 = 10_000_000_000,
-                timerStrategy: DeadlineTimerStrategy? = nil) throws(Errno) {
+                timerStrategy: DeadlineTimerStrategy? = nil) throws(LongPollSetupError) {
+        guard (1...Self.maximumVCPUCount).contains(vcpuCount) else { throw .invalidVCPUCount(vcpuCount) }
+        guard queueCapacity >= 1 else { throw .invalidQueueCapacity(queueCapacity) }
         var channels: [Channel] = []
-        for _ in 0..<vcpuCount { channels.append(try Channel()) }
+        for _ in 0..<vcpuCount {
+            do { channels.append(try Channel()) } catch { throw .eventNotifier(error) }
+        }
         self.channels = channels
         self.clock = clock
         self.waiter = waiter
@@ -79,20 +94,68 @@ public final class LongPollDispatcher: Sendable {
     /// Cancels every vCPU's waits.
     public func cancelAll() { for vcpu in channels.indices { cancel(vcpu: vcpu) } }
 
-    /// Lets `vcpu` wait again after a cancellation.
+    /// Lets `vcpu` wait again after a cancellation, and take messages again after a close
+    /// (a VM that restarts).
     public func resume(vcpu: Int) {
         guard channels.indices.contains(vcpu) else { return }
-        channels[vcpu].state.withLock { $0.cancelled = false }
+        channels[vcpu].state.withLock { $0.cancelled = false; $0.closed = false }
     }
 
-    /// Stops `vcpu` from taking messages and returns those still queued (for failing them).
+    /// Stops `vcpu` from taking messages (the VM stopped): cancels its wait, returns the
+    /// messages still queued, and, the first time, runs every close handler with `vcpu`.
+    @discardableResult
     public func close(vcpu: Int) -> [HostMessage] {
         guard channels.indices.contains(vcpu) else { return [] }
         cancel(vcpu: vcpu)
-        return channels[vcpu].state.withLock { state in
+        let (wasOpen, dropped) = channels[vcpu].state.withLock { state in
+            let wasOpen = !state.closed
             state.closed = true
             defer { state.messages.removeAll() }
-            return state.messages
+            return (wasOpen, state.messages)
+        }
+        if wasOpen {
+            for handler in closeHandlers.withLock({ Array($0.handlers.values) }) { handler(vcpu) }
+        }
+        return dropped
+    }
+
+    /// Closes every vCPU.
+    public func closeAll() { for vcpu in channels.indices { close(vcpu: vcpu) } }
+
+    /// Whether `vcpu` is closed (the VM stopped and it was not resumed since).
+    public func isClosed(vcpu: Int) -> Bool {
+        !channels.indices.contains(vcpu) || channels[vcpu].state.withLock { $0.closed }
+    }
+
+    /// Registers `handler` to run (on the closing thread) each time a vCPU is closed. Returns a
+    /// token for `removeCloseHandler(_:)`.
+    public func addCloseHandler(_ handler: @escaping @Sendable (_ vcpu: Int) -> Void) -> CloseHandlerToken {
+        closeHandlers.withLock { table in
+            defer { table.next += 1 }
+            table.handlers[table.next] = handler
+            return CloseHandlerToken(rawValue: table.next)
+        }
+    }
+
+    /// Removes a close handler.
+    public func removeCloseHandler(_ token: CloseHandlerToken) {
+        _ = closeHandlers.withLock { $0.handlers.removeValue(forKey: token.rawValue) }
+    }
+
+    /// Identifies a registered close handler.
+    public struct CloseHandlerToken: Hashable, Sendable {
+        let rawValue: UInt64
+    }
+
+    /// Removes the queued messages of `vcpu` whose id is `messageID` (a call that ended before
+    /// any wait took it). Returns how many were removed.
+    @discardableResult
+    public func withdraw(messageID: UInt64, from vcpu: Int) -> Int {
+        guard channels.indices.contains(vcpu) else { return 0 }
+        return channels[vcpu].state.withLock { state in
+            let before = state.messages.count
+            state.messages.removeAll { $0.id == messageID }
+            return before - state.messages.count
         }
     }
 

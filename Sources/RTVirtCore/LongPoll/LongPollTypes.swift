@@ -1,3 +1,5 @@
+import SystemPackage
+
 /// A file descriptor a long poll waits on, with the `poll(2)` events of interest.
 public struct PollDescriptor: Equatable, Sendable {
     /// The descriptor (owned by the caller; it must stay open while the wait runs).
@@ -73,6 +75,25 @@ public enum LongPollError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .queueFull(vcpu, capacity): return "host-message queue of vCPU \(vcpu) is full (\(capacity) messages)"
         case let .noSuchVCPU(vcpu): return "no vCPU \(vcpu)"
         case let .closed(vcpu): return "vCPU \(vcpu) no longer takes messages (stopped)"
+        }
+    }
+}
+
+/// Why a dispatcher could not be made.
+public enum LongPollSetupError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The vCPU count is not in 1 ... `LongPollDispatcher.maximumVCPUCount`.
+    case invalidVCPUCount(Int)
+    /// The per-vCPU queue capacity is below 1.
+    case invalidQueueCapacity(Int)
+    /// A vCPU's wake-up eventfd could not be created.
+    case eventNotifier(Errno)
+
+    public var description: String {
+        switch self {
+        case let .invalidVCPUCount(count):
+            return "a long-poll dispatcher serves 1 ... \(LongPollDispatcher.maximumVCPUCount) vCPUs, not \(count)"
+        case let .invalidQueueCapacity(capacity): return "a host-message queue capacity of \(capacity) is below 1"
+        case let .eventNotifier(errno): return "eventfd: \(errno)"
         }
     }
 }

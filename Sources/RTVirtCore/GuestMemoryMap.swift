@@ -30,7 +30,7 @@ public struct GuestMemoryRegion: Sendable {
 /// Regions are added while the VM is set up and never removed, so the region list only
 /// grows; lookups read a snapshot under a lock that is never held across guest-visible work.
 public final class GuestMemoryMap: GuestMemory {
-    private let regionList = Mutex<[GuestMemoryRegion]>([])
+    private let regionList = LockedValue<[GuestMemoryRegion]>([])
 
     /// An empty map.
     public init() {}

@@ -43,7 +43,7 @@ public final class VCPURunLoop: Sendable {
     /// Where devices park this vCPU for long polls; a stop cancels such a wait too.
     public let dispatcher: LongPollDispatcher?
     private let stopRequested = Atomic<Bool>(false)
-    private let pendingWork = Mutex<[@Sendable () -> Void]>([])
+    private let pendingWork = LockedValue<[@Sendable () -> Void]>([])
 
     /// A run loop for `vcpu` over `bus`, whose long polls (if any) go through `dispatcher`.
     public init(vcpu: any VirtualCPU, bus: IOBus, dispatcher: LongPollDispatcher? = nil) {

@@ -9,7 +9,7 @@ public final class ManualClockWaiter: BlockingWaiter {
     /// How late each timed block "wakes", nanoseconds.
     public let lateness: UInt64
     /// Descriptors reported ready on every block.
-    public let readyDescriptors = Mutex<Set<Int32>>([])
+    public let readyDescriptors = LockedValue<Set<Int32>>([])
     /// Blocks so far.
     public let blockCount = Atomic<Int>(0)
 

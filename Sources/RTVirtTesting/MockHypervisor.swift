@@ -29,7 +29,7 @@ public final class MockVirtualMachine: VirtualMachine {
     public let guestMemory = GuestMemoryMap()
     public var memory: any GuestMemory { guestMemory }
     public let maximumVCPUCount = 64
-    private let created = Mutex<Set<Int>>([])
+    private let created = LockedValue<Set<Int>>([])
 
     /// An empty VM.
     public init() {}

@@ -34,7 +34,7 @@ public enum VMRPCReverseCallError: Error, Equatable, Sendable, CustomStringConve
 
     public var description: String {
         switch self {
-        case let .queueFull(vcpu, capacity): return "vCPU \(vcpu) already has \(capacity) reverse calls outstanding"
+        case let .queueFull(vcpu, capacity): return "the reverse-call queue of vCPU \(vcpu) is full (\(capacity) calls)"
         case let .noSuchVCPU(vcpu): return "no vCPU \(vcpu)"
         case let .payloadTooLarge(length): return "a reverse-call payload of \(length) bytes is too large"
         case let .invalidTimeout(nanoseconds): return "a reverse-call timeout of \(nanoseconds) ns is out of range"
@@ -120,7 +120,7 @@ final class ReverseCallTable: Sendable {
         init(_ source: any DispatchSourceTimer) { self.source = source }
     }
 
-    private let entries: Mutex<[Entry]>
+    private let entries: LockedValue<[Entry]>
     /// Entries: calls that can be outstanding at once.
     let capacity: Int
 
@@ -130,7 +130,7 @@ final class ReverseCallTable: Sendable {
     /// A table of `capacity` entries (1 ... `maximumCapacity`, checked by the server).
     init(capacity: Int) {
         self.capacity = capacity
-        entries = Mutex(Array(repeating: Entry(), count: capacity))
+        entries = LockedValue(Array(repeating: Entry(), count: capacity))
     }
 
     private static func index(of id: UInt64) -> (index: Int, generation: UInt32) {

@@ -121,10 +121,10 @@ public final class VMRPCServer: Sendable {
         let broken = Atomic<Bool>(false)
         let reverseCalls: ReverseCallTable
         /// Token bucket for malformed calls: (tokens, last refill in ns). Only this vCPU's thread uses it.
-        let malformedBudget: Mutex<(tokens: Double, refilledAt: UInt64)>
+        let malformedBudget: LockedValue<(tokens: Double, refilledAt: UInt64)>
         init(limits: VMRPCLimits, now: UInt64) {
             reverseCalls = ReverseCallTable(capacity: limits.reverseCallsPerVCPU)
-            malformedBudget = Mutex((Double(limits.malformedCallBurst), now))
+            malformedBudget = LockedValue((Double(limits.malformedCallBurst), now))
         }
     }
 
@@ -419,7 +419,7 @@ public final class VMRPCServer: Sendable {
     /// `reverseCall` as an async function. Cancelling the task ends the call with `.cancelled`.
     public func reverseCall(vcpu: Int, procedure: UInt32, payload: [UInt8],
                             timeoutNanoseconds: UInt64? = nil) async throws(VMRPCReverseCallError) -> VMRPCReverseCallReply {
-        let started = Mutex<(handle: VMRPCReverseCallHandle?, cancelled: Bool)>((nil, false))
+        let started = LockedValue<(handle: VMRPCReverseCallHandle?, cancelled: Bool)>((nil, false))
         let result: Result<VMRPCReverseCallReply, VMRPCReverseCallError> = await withTaskCancellationHandler {
             await withCheckedContinuation { continuation in
                 do throws(VMRPCReverseCallError) {

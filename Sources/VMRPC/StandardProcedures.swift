@@ -86,7 +86,7 @@ public final class ReturnLatencyEstimator: Sendable {
         var lastEarlyRelease: Double = 0
         var earlyRelease: Double = 0
     }
-    private let state: Mutex<State>
+    private let state: LockedValue<State>
     /// Samples kept.
     public let window: Int
     /// The percentile of return latencies released early by (low, so the guest rarely arrives
@@ -100,7 +100,7 @@ public final class ReturnLatencyEstimator: Sendable {
         self.window = max(window, 1)
         self.percentile = percentile
         self.maximumNanoseconds = maximumNanoseconds
-        state = Mutex(State(samples: RecentSamples(capacity: window)))
+        state = LockedValue(State(samples: RecentSamples(capacity: window)))
     }
 
     /// Records the guest's arrival for the previous sleep (negative: it arrived early).

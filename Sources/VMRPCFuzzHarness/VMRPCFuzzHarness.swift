@@ -146,9 +146,9 @@ final class ReverseCallModel: Sendable {
         var delivered = false
         var outcomes: [Result<VMRPCReverseCallReply, VMRPCReverseCallError>] = []
     }
-    private let calls = Mutex<[Call]>([])
+    private let calls = LockedValue<[Call]>([])
     /// Ids the guest has seen answered (stale ids to replay).
-    private let answered = Mutex<[UInt64]>([])
+    private let answered = LockedValue<[UInt64]>([])
 
     func nextCallNumber() -> Int { calls.withLock { $0.append(Call()); return $0.count - 1 } }
     func started(_ number: Int, _ handle: VMRPCReverseCallHandle) { calls.withLock { $0[number].handle = handle } }

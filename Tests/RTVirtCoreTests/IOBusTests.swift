@@ -4,7 +4,7 @@ import XCTest
 
 final class CountingDevice: BusDevice {
     let reads = Atomic<Int>(0)
-    let lastWrite = Mutex<(BusAccess, UInt64)?>(nil)
+    let lastWrite = LockedValue<(BusAccess, UInt64)?>(nil)
     let name: UInt64
     init(name: UInt64) { self.name = name }
     func read(_ access: BusAccess) -> UInt64 {

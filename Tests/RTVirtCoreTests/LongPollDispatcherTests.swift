@@ -88,7 +88,7 @@ final class LongPollDispatcherTests: XCTestCase {
 
     func testRealWaitsAreIndependentAndCancellationIsPrompt() throws {
         let dispatcher = try LongPollDispatcher(vcpuCount: 2)
-        let results = Mutex<[Int: LongPollResult]>([:])
+        let results = LockedValue<[Int: LongPollResult]>([:])
         let parked = try HostThread(name: "parked") {
             let result = dispatcher.wait(vcpu: 0, for: LongPollRequest(deadline: monotonicNanoseconds() + 2_000_000_000))
             results.withLock { $0[0] = result }
@@ -114,7 +114,7 @@ final class LongPollDispatcherTests: XCTestCase {
 
     func testRealMessageWakesAParkedWait() throws {
         let dispatcher = try LongPollDispatcher(vcpuCount: 1)
-        let result = Mutex<LongPollResult?>(nil)
+        let result = LockedValue<LongPollResult?>(nil)
         let thread = try HostThread(name: "poller") {
             let value = dispatcher.wait(vcpu: 0, for: LongPollRequest(deadline: monotonicNanoseconds() + 5_000_000_000, acceptsHostMessages: true))
             result.withLock { $0 = value }

@@ -125,7 +125,7 @@ final class ReverseCallTests: XCTestCase {
     /// By default completions run on the server's queue, never on the vCPU's thread.
     func testCompletionsRunOffTheVCPUThreadByDefault() throws {
         let harness = try ServerHarness(completionContext: .queue(DispatchQueue(label: "test.completions")))
-        let ranOn = Mutex<pthread_t?>(nil)
+        let ranOn = LockedValue<pthread_t?>(nil)
         let done = OutcomeLog()
         let complete = done.completion(0)
         try harness.server.reverseCall(vcpu: 0, procedure: 1, payload: []) { outcome in
@@ -240,6 +240,9 @@ final class ReverseCallTests: XCTestCase {
             asyncOutcome = await outcome(of: task)
         }
         XCTAssertEqual(asyncOutcome, .failure(.timedOut))
+        // The finished task and the timer's handler let go of the server just after the outcome.
+        let giveUp = monotonicNanoseconds() + 10_000_000_000
+        while weakServer != nil || weakMemory != nil, monotonicNanoseconds() < giveUp { usleep(1_000) }
         XCTAssertNil(weakServer)
         XCTAssertNil(weakMemory)
         XCTAssertEqual(try openDescriptorCount(), descriptorsBefore, "every eventfd is closed")

@@ -76,7 +76,7 @@ final class ServerTests: XCTestCase {
 
     func testReverseCallRoundTrip() throws {
         let harness = try ServerHarness()
-        let answer = Mutex<Result<VMRPCReverseCallReply, VMRPCReverseCallError>?>(nil)
+        let answer = LockedValue<Result<VMRPCReverseCallReply, VMRPCReverseCallError>?>(nil)
         try harness.server.reverseCall(vcpu: 1, procedure: 0x77, payload: [1, 2, 3]) { result in answer.withLock { $0 = result } }
         XCTAssertEqual(harness.server.outstandingReverseCalls(vcpu: 1), 1)
         let guest = harness.client(vcpu: 1, features: .reverseCalls)
@@ -117,7 +117,7 @@ final class ServerTests: XCTestCase {
 
     func testShutdownFailsOutstandingReverseCalls() async throws {
         let harness = try ServerHarness()
-        let failures = Mutex<[VMRPCReverseCallError]>([])
+        let failures = LockedValue<[VMRPCReverseCallError]>([])
         try harness.server.reverseCall(vcpu: 0, procedure: 1, payload: []) { result in
             if case .failure(let error) = result { failures.withLock { $0.append(error) } }
         }
@@ -239,5 +239,112 @@ final class SleepCompensationTests: XCTestCase {
         XCTAssertEqual(estimator.currentEarlyReleaseNanoseconds, 10_000, "garbage from the guest is ignored")
         for _ in 0..<4 { estimator.record(arrivalNanoseconds: -1_000_000) }
         XCTAssertEqual(estimator.currentEarlyReleaseNanoseconds, 0, "never released after the deadline")
+    }
+}
+
+/// F3 and F4: the VMM's configuration mistakes are refused with typed errors; none traps.
+final class ConfigurationTests: XCTestCase {
+    func testSlotLayoutsAreCheckedAgainstMemoryAndDispatcher() throws {
+        let memory = GuestMemoryMap()
+        try memory.addRegion(at: GuestAddress(0), size: 0x4000)
+        let dispatcher = try LongPollDispatcher(vcpuCount: 2)
+        func make(_ base: UInt64, _ count: Int) -> VMRPCConfigurationError? {
+            do {
+                _ = try VMRPCServer(memory: memory, slots: VMRPCSlotLayout(base: GuestAddress(base), count: count),
+                                    dispatcher: dispatcher, procedures: [])
+                return nil
+            } catch { return error }
+        }
+        XCTAssertNil(make(0x1000, 2))
+        XCTAssertEqual(make(0x1010, 1), .slotBaseNotPageAligned(GuestAddress(0x1010)))
+        XCTAssertEqual(make(0x3000, 2), .slotOutsideGuestMemory(vcpu: 1), "the second slot is past the end")
+        XCTAssertEqual(make(0x8000, 1), .slotOutsideGuestMemory(vcpu: 0))
+        XCTAssertEqual(make(UInt64.max & ~0xFFF, 2), .slotOutsideGuestMemory(vcpu: 0), "no overflow")
+        XCTAssertEqual(make(0, 0), .invalidSlotCount(0))
+        XCTAssertEqual(make(0, -1), .invalidSlotCount(-1))
+        XCTAssertEqual(make(0, 3), .dispatcherTooSmall(slots: 3, dispatcherVCPUs: 2))
+        XCTAssertNil(VMRPCSlotLayout(base: GuestAddress(0), count: -1).address(ofVCPU: 0))
+    }
+
+    func testLimitsAreChecked() throws {
+        let harness = try ServerHarness()
+        func make(_ change: (inout VMRPCLimits) -> Void) -> VMRPCConfigurationError? {
+            var limits = VMRPCLimits()
+            change(&limits)
+            do {
+                _ = try VMRPCServer(memory: harness.memory, slots: VMRPCSlotLayout(base: ServerHarness.slotBase, count: 1),
+                                    dispatcher: harness.dispatcher, procedures: [], limits: limits)
+                return nil
+            } catch { return error }
+        }
+        XCTAssertEqual(make { $0.reverseCallsPerVCPU = -1 }, .invalidLimit(name: "reverseCallsPerVCPU", value: "-1"))
+        XCTAssertEqual(make { $0.reverseCallsPerVCPU = 0 }, .invalidLimit(name: "reverseCallsPerVCPU", value: "0"))
+        XCTAssertEqual(make { $0.reverseCallsPerVCPU = 1 << 20 }, .invalidLimit(name: "reverseCallsPerVCPU", value: "1048576"))
+        XCTAssertEqual(make { $0.malformedCallBurst = -5 }, .invalidLimit(name: "malformedCallBurst", value: "-5"))
+        XCTAssertEqual(make { $0.malformedCallsPerSecond = -1 }, .invalidLimit(name: "malformedCallsPerSecond", value: "-1"))
+        XCTAssertEqual(make { $0.maximumWaitsPerCall = 0 }, .invalidLimit(name: "maximumWaitsPerCall", value: "0"))
+        XCTAssertEqual(make { $0.maximumPollNanoseconds = 0 }, .invalidLimit(name: "maximumPollNanoseconds", value: "0"))
+        XCTAssertEqual(make { $0.reverseCallTimeoutNanoseconds = 0 }, .invalidLimit(name: "reverseCallTimeoutNanoseconds", value: "0"))
+        XCTAssertNil(make { _ in })
+    }
+
+    func testDispatcherCountsAreChecked() {
+        XCTAssertThrowsError(try LongPollDispatcher(vcpuCount: -1)) { XCTAssertEqual($0 as? LongPollSetupError, .invalidVCPUCount(-1)) }
+        XCTAssertThrowsError(try LongPollDispatcher(vcpuCount: 0)) { XCTAssertEqual($0 as? LongPollSetupError, .invalidVCPUCount(0)) }
+        XCTAssertThrowsError(try LongPollDispatcher(vcpuCount: 1, queueCapacity: 0)) {
+            XCTAssertEqual($0 as? LongPollSetupError, .invalidQueueCapacity(0))
+        }
+    }
+
+    /// Results that cannot be written are never reported as `ok`.
+    func testResultsThatCannotBeWrittenAnswerInternalError() throws {
+        let memory = ResultsRefusingMemory()
+        try memory.inner.addRegion(at: GuestAddress(0), size: 0x20000)
+        let clock = ManualClock(start: 5_000)
+        let dispatcher = try LongPollDispatcher(vcpuCount: 1, clock: clock, waiter: ManualClockWaiter(clock: clock))
+        let server = try VMRPCServer(memory: memory, slots: VMRPCSlotLayout(base: ServerHarness.slotBase, count: 1),
+                                     dispatcher: dispatcher, procedures: VMRPCStandardProcedures.all(clock: ManualGuestClock(clock: clock)))
+        let client = VMRPCGuestClient(memory: memory, slot: ServerHarness.slotBase) { server.handleDoorbell(vcpu: 0) }
+        let response = try client.call(VMRPCProcedureID.clockRead)
+        XCTAssertEqual(response.status, .internalError)
+        XCTAssertEqual(response.results, [])
+        XCTAssertEqual(server.statistics(vcpu: 0)?.failedResponses, 1)
+        XCTAssertEqual(try client.null(), .ok, "a call without results is answered")
+    }
+}
+
+/// Guest memory that refuses writes to the results area of the slot at 0x10000.
+final class ResultsRefusingMemory: GuestMemory {
+    let inner = GuestMemoryMap()
+    func read(into buffer: UnsafeMutableRawBufferPointer, at address: GuestAddress) throws(GuestMemoryError) {
+        try inner.read(into: buffer, at: address)
+    }
+    func write(_ bytes: UnsafeRawBufferPointer, at address: GuestAddress) throws(GuestMemoryError) {
+        if address.rawValue == ServerHarness.slotBase.rawValue + UInt64(VMRPCWire.resultsOffset) {
+            throw .outOfBounds(address: address, length: UInt64(bytes.count))
+        }
+        try inner.write(bytes, at: address)
+    }
+    func withHostPointer<R>(at address: GuestAddress, length: UInt64, _ body: (UnsafeMutableRawPointer) throws -> R) throws -> R {
+        try inner.withHostPointer(at: address, length: length, body)
+    }
+}
+
+/// F5 of the spec: a `timer.sleepUntil` deadline is judged against the vCPU's TSC when the host
+/// handles the call, not when the guest wrote it.
+final class SleepDeadlineRuleTests: XCTestCase {
+    func testDeadlinesMoreThanHalfTheTSCRangeAheadArePastWhenTheHostReadsThem() throws {
+        let harness = try ServerHarness()
+        let client = harness.client()
+        let now = harness.clock.nowNanoseconds() // the guest TSC (1 GHz, offset 0)
+        // 2^63 + 1000 ticks ahead at the host's reading: past, answered at once.
+        XCTAssertEqual(try client.sleepUntil(guestTSC: now &+ (1 << 63) &+ 1_000).0, .ok)
+        XCTAssertEqual(harness.clock.nowNanoseconds(), now)
+        // The same deadline, read by the host 2 µs later, is 2^63 - 1000 ticks ahead: in the
+        // future, beyond the park limit, so the vCPU parks to the limit and gets `timed_out`.
+        let written = harness.clock.nowNanoseconds()
+        harness.clock.advance(by: 2_000)
+        XCTAssertEqual(try client.sleepUntil(guestTSC: written &+ (1 << 63) &+ 1_000).0, .timedOut)
+        XCTAssertEqual(harness.clock.nowNanoseconds(), written + 2_000 + 10_000_000_000)
     }
 }

@@ -36,7 +36,7 @@ public final class DeadlineTimerStrategy: Sendable {
     public let maximumSpinFraction: Double
     /// The percentile of recent wake errors the margin follows.
     public let percentile: Double
-    private let state: Mutex<State>
+    private let state: LockedValue<State>
 
     /// A strategy starting at `initialMargin` nanoseconds.
     public init(initialMargin: UInt64 = 50_000, minimumMargin: UInt64 = 2_000, maximumMargin: UInt64 = 200_000,
@@ -45,7 +45,7 @@ public final class DeadlineTimerStrategy: Sendable {
         self.maximumMargin = maximumMargin
         self.maximumSpinFraction = maximumSpinFraction
         self.percentile = percentile
-        state = Mutex(State(recentErrors: RecentSamples(capacity: window),
+        state = LockedValue(State(recentErrors: RecentSamples(capacity: window),
                             margin: min(max(initialMargin, minimumMargin), maximumMargin)))
     }
 

@@ -23,7 +23,7 @@ public final class LongPollDispatcher: Sendable {
             var closed = false
             var waiting = false
         }
-        let state = Mutex(State())
+        let state = LockedValue(State())
         let wake: EventNotifier
         init() throws(Errno) { wake = try EventNotifier() }
     }
@@ -37,7 +37,7 @@ public final class LongPollDispatcher: Sendable {
     /// The longest a single wait may park a vCPU, in nanoseconds.
     public let maximumParkNanoseconds: UInt64
     private let timerStrategy: DeadlineTimerStrategy?
-    private let closeHandlers = Mutex<(next: UInt64, handlers: [UInt64: @Sendable (Int) -> Void])>((1, [:]))
+    private let closeHandlers = LockedValue<(next: UInt64, handlers: [UInt64: @Sendable (Int) -> Void])>((1, [:]))
 
     /// The most vCPUs one dispatcher serves.
     public static let maximumVCPUCount = 4096

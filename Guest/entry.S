@@ -192,8 +192,31 @@ timer_interrupt:
     pop %rax
     iretq
 
+/* The handler of the interrupt the host injects in the interruptible-sleep mode: counts it,
+ * reports GUEST_INJECTED_MARK (an exit the host timestamps) and signals EOI. */
+    .globl injected_interrupt
+injected_interrupt:
+    push %rax
+    push %rdx
+    push %rcx
+    incq injected_count(%rip)
+    mov $GUEST_INJECTED_MARK, %eax
+    mov $GUEST_PORT_RESULT, %dx
+    out %eax, %dx
+    mov $0x80B, %ecx                  /* x2APIC EOI */
+    xor %eax, %eax
+    xor %edx, %edx
+    wrmsr
+    pop %rcx
+    pop %rdx
+    pop %rax
+    iretq
+
     .data
     .balign 8
+    .globl injected_count
+injected_count:
+    .quad 0
 timer_tsc:
     .quad 0
 string_out:

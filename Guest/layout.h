@@ -38,11 +38,17 @@
 #define GUEST_MODE_CYCLIC_LONG_POLL  8 /* RSI periods of RDX TSC cycles, waiting with VMRPC timer.sleepUntil (CPL 3) */
 #define GUEST_MODE_STRING_IO 10 /* rep outsb of "RTV!" to the result port; rep insw of 3 words from the input port, each reported */
 #define GUEST_MODE_CYCLIC_INTERRUPT 9 /* the same with the LAPIC TSC-deadline timer, sti; hlt (CPL 0, needs the irqchip) */
+#define GUEST_MODE_INTERRUPTIBLE_SLEEP 20 /* x2APIC on, sti, one interruptible timer.sleepUntil of RSI TSC cycles (CPL 0, needs the irqchip);
+                                           * the handler of GUEST_INJECTED_VECTOR reports GUEST_INJECTED_MARK; then the call's status and
+                                           * the number of interrupts taken are reported */
 
 /* The cyclic modes store, per period i, (TSC at resume - deadline i) as a signed 64-bit value:
  * the interrupt mode at data[i]; the long-poll mode at data[2i], with data[2i + 1] its arrival
  * before the guest-side spin. The interrupt mode's timer vector: */
 #define GUEST_TIMER_VECTOR 0xEC
+/* The vector the host injects in the interruptible-sleep mode, and what its handler reports. */
+#define GUEST_INJECTED_VECTOR 0xED
+#define GUEST_INJECTED_MARK   0x1A7E
 
 /* Reverse-call procedures the rpc-demo guest serves. */
 #define GUEST_REVERSE_ADD  1 /* payload: two u32; reply payload: their sum (u32) */

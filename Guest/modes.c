@@ -128,11 +128,53 @@ static uint32_t cyclic_longpoll(volatile uint8_t *slot, uint64_t count, uint64_t
     return 0;
 }
 
+extern void injected_interrupt(void);
+extern volatile uint64_t injected_count;
+
+static inline void wrmsr(uint32_t msr, uint64_t value) {
+    __asm__ __volatile__("wrmsr" : : "c"(msr), "a"((uint32_t)value), "d"((uint32_t)(value >> 32)) : "memory");
+}
+
+static inline uint64_t rdmsr(uint32_t msr) {
+    uint32_t low, high;
+    __asm__ __volatile__("rdmsr" : "=a"(low), "=d"(high) : "c"(msr));
+    return ((uint64_t)high << 32) | low;
+}
+
+/* A 64-bit interrupt gate (kernel code selector, present, DPL 0) for `vector`. */
+static void install_interrupt_gate(uint32_t vector, void (*handler)(void)) {
+    volatile uint8_t *gate = (volatile uint8_t *)(uintptr_t)(GUEST_IDT_ADDRESS + vector * 16);
+    uint64_t address = (uint64_t)(uintptr_t)handler;
+    *(volatile uint16_t *)(gate + 0) = (uint16_t)address;
+    *(volatile uint16_t *)(gate + 2) = 0x08;
+    *(volatile uint16_t *)(gate + 4) = 0x8E00;
+    *(volatile uint16_t *)(gate + 6) = (uint16_t)(address >> 16);
+    *(volatile uint32_t *)(gate + 8) = (uint32_t)(address >> 32);
+    *(volatile uint32_t *)(gate + 12) = 0;
+}
+
+/* One interruptible timer.sleepUntil of `cycles`, with interrupts enabled: the host may end it
+ * early with `interrupted` when it injects GUEST_INJECTED_VECTOR, whose handler runs as the vCPU
+ * re-enters the guest. Reports the call's status and how many interrupts were taken. CPL 0. */
+static uint32_t interruptible_sleep(volatile uint8_t *slot, uint64_t cycles) {
+    install_interrupt_gate(GUEST_INJECTED_VECTOR, injected_interrupt);
+    wrmsr(0x1B, rdmsr(0x1B) | 0xC00); /* IA32_APIC_BASE: enable, x2APIC */
+    wrmsr(0x80F, 0x1FF);              /* spurious-interrupt vector register: software enable */
+    __asm__ __volatile__("sti" ::: "memory");
+    uint64_t deadline = rdtsc() + cycles;
+    uint32_t status = call(slot, RTV_VMRPC_FEATURE_INTERRUPTIBLE, RTV_VMRPC_PROC_SLEEP_UNTIL, &deadline, 8, 0, 0);
+    __asm__ __volatile__("cli" ::: "memory");
+    report(status);
+    report((uint32_t)injected_count);
+    return 0;
+}
+
 uint32_t guest_c_main(uint64_t mode, uint64_t arg0, uint64_t arg1, uint8_t *slot, uint64_t *data) {
     switch (mode) {
     case GUEST_MODE_RPC_DEMO: return rpc_demo(slot);
     case GUEST_MODE_RPC_BENCH: return rpc_bench(slot, arg0, data);
     case GUEST_MODE_CYCLIC_LONG_POLL: return cyclic_longpoll(slot, arg0, arg1, (int64_t *)data);
+    case GUEST_MODE_INTERRUPTIBLE_SLEEP: return interruptible_sleep(slot, arg0);
     default: return GUEST_STATUS_BAD_MODE;
     }
 }

@@ -15,6 +15,8 @@ public enum KVMCapability: Int, CaseIterable, Sendable, CustomStringConvertible 
     case recommendedVCPUs
     case maximumVCPUs
     case memorySlots
+    case multiprocessingState
+    case signalMSI
 
     /// The kernel's number for it.
     var number: Int {
@@ -33,6 +35,8 @@ public enum KVMCapability: Int, CaseIterable, Sendable, CustomStringConvertible 
         case .recommendedVCPUs: value = RTV_CAP_NR_VCPUS
         case .maximumVCPUs: value = RTV_CAP_MAX_VCPUS
         case .memorySlots: value = RTV_CAP_NR_MEMSLOTS
+        case .multiprocessingState: value = RTV_CAP_MP_STATE
+        case .signalMSI: value = RTV_CAP_SIGNAL_MSI
         }
         return Int(value.rawValue)
     }
@@ -53,6 +57,8 @@ public enum KVMCapability: Int, CaseIterable, Sendable, CustomStringConvertible 
         case .recommendedVCPUs: return "KVM_CAP_NR_VCPUS"
         case .maximumVCPUs: return "KVM_CAP_MAX_VCPUS"
         case .memorySlots: return "KVM_CAP_NR_MEMSLOTS"
+        case .multiprocessingState: return "KVM_CAP_MP_STATE"
+        case .signalMSI: return "KVM_CAP_SIGNAL_MSI"
         }
     }
 

@@ -75,6 +75,7 @@ public final class VCPURunLoop: Sendable {
         let id = vcpu.id
         while !stopRequested.load(ordering: .sequentiallyConsistent) {
             let exit: VCPUExit
+            dispatcher?.interruptDelivered(vcpu: id) // entering the guest delivers what was injected
             do { exit = try vcpu.run() } catch { return .hypervisorError("\(error)") }
             statistics.exits.wrappingAdd(1, ordering: .relaxed)
             do {

@@ -15,7 +15,7 @@ public struct BundledGuestVCPU: Sendable {
     public init(mode: BundledGuestMode, arguments: (UInt64, UInt64) = (0, 0), privilege: X86StartPrivilege? = nil) {
         self.mode = mode
         self.arguments = arguments
-        self.privilege = privilege ?? ([.halt, .cyclicInterrupt].contains(mode) ? .kernel : .userWithIOPrivilege)
+        self.privilege = privilege ?? ([.halt, .cyclicInterrupt, .interruptibleSleep].contains(mode) ? .kernel : .userWithIOPrivilege)
     }
 }
 
@@ -71,6 +71,9 @@ public final class BundledGuestMachine: Sendable {
                 arguments: [configuration.mode.rawValue, configuration.arguments.0, configuration.arguments.1,
                             Self.slotLayout(vcpuCount: configurations.count).address(ofVCPU: id)!.rawValue,
                             GuestLayout.dataBuffer(forVCPU: id).rawValue]))
+            // With the in-kernel LAPIC, KVM holds every vCPU but the first until INIT/SIPI;
+            // these vCPUs start directly in long mode.
+            if interruptController { try vcpu.setMultiprocessingState(.runnable) }
             vcpus.append(vcpu)
         }
         let frequency = vcpus.first?.tscFrequencyKHz().map { $0 * 1000 } ?? GuestTSCMapping.measureHostTSCFrequency()

@@ -8,6 +8,7 @@ import Synchronization
 public final class BundledGuestPorts: BusDevice {
     private struct State {
         var results: [Int: [UInt64]] = [:]
+        var resultTimes: [Int: [UInt64]] = [:]
         var inputs: [UInt64] = []
         var inputReads: [(vcpu: Int, size: Int)] = []
     }
@@ -21,6 +22,9 @@ public final class BundledGuestPorts: BusDevice {
 
     /// What vCPU `id` reported on the result port, in order.
     public func results(ofVCPU id: Int) -> [UInt64] { state.withLock { $0.results[id] ?? [] } }
+
+    /// When (monotonic nanoseconds) each of vCPU `id`'s results reached the host, in order.
+    public func resultTimes(ofVCPU id: Int) -> [UInt64] { state.withLock { $0.resultTimes[id] ?? [] } }
 
     /// The (vCPU, size) of every input-port read so far.
     public var inputReads: [(vcpu: Int, size: Int)] { state.withLock { $0.inputReads } }
@@ -38,7 +42,11 @@ public final class BundledGuestPorts: BusDevice {
         case UInt64(GuestLayout.exitPort - GuestLayout.resultPort):
             return .stopVCPU(status: value)
         case UInt64(GuestLayout.resultPort - GuestLayout.resultPort):
-            state.withLock { $0.results[access.vcpuID, default: []].append(value) }
+            let now = monotonicNanoseconds()
+            state.withLock { state in
+                state.results[access.vcpuID, default: []].append(value)
+                state.resultTimes[access.vcpuID, default: []].append(now)
+            }
         default:
             break
         }

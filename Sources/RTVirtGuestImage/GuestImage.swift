@@ -38,6 +38,10 @@ public enum BundledGuestMode: UInt64, Sendable, CaseIterable {
     /// `rep outsb` of "RTV!" to the result port, then `rep insw` of three words from the input
     /// port, each reported with a plain `out`.
     case stringIO = 10
+    /// x2APIC on, `sti`, then one interruptible `timer.sleepUntil` of RSI TSC cycles (CPL 0,
+    /// needs the in-kernel irqchip). The handler of `GuestLayout.injectedVector` reports
+    /// `GuestLayout.injectedMark`; then the call's status and the number of interrupts taken.
+    case interruptibleSleep = 20
 
     /// The LCG multiplier and increment the `compute` mode uses.
     public static let lcgMultiplier: UInt64 = 6_364_136_223_846_793_005
@@ -85,6 +89,10 @@ public enum GuestLayout {
     public static let bareExitPort: UInt16 = 0x519
     /// The interrupt vector of the cyclic-interrupt mode's timer.
     public static let timerVector: UInt64 = 0xEC
+    /// The vector the host injects in the interruptible-sleep mode.
+    public static let injectedVector: UInt64 = 0xED
+    /// What the interruptible-sleep mode's interrupt handler reports.
+    public static let injectedMark: UInt64 = 0x1A7E
     /// Reverse-call procedure of the rpc-demo guest: payload two u32, reply their sum.
     public static let reverseAdd: UInt32 = 1
     /// Reverse-call procedure of the rpc-demo guest: reply, then exit.

@@ -289,11 +289,17 @@ public final class VMRPCServer: Sendable {
             reply = .done(status: .ok, results: [])
         }
         var waits = 0
+        let interruptible = VMRPCFeatures(rawValue: request.features).contains(.interruptible)
         while case let .wait(waitRequest, then) = reply {
             guard waits < limits.maximumWaitsPerCall else { reply = .failed(.internalError); break }
             waits += 1
             channel.parked.wrappingAdd(1, ordering: .relaxed)
-            reply = then(dispatcher.wait(vcpu: vcpu, for: waitRequest))
+            var parkRequest = waitRequest
+            parkRequest.interruptible = interruptible
+            let result = dispatcher.wait(vcpu: vcpu, for: parkRequest)
+            // The VMM has an interrupt for this vCPU: abandon the call (the procedure took
+            // nothing yet) and let the guest take the interrupt and call again.
+            reply = result == .interrupted ? .failed(.interrupted) : then(result)
         }
         guard case let .done(status, results) = reply else { return }
         channel.completed.wrappingAdd(1, ordering: .relaxed)
@@ -356,6 +362,7 @@ public final class VMRPCServer: Sendable {
                 guard channel.reverseCalls.deliver(message.id) else { return awaitDelivery(channel, request) }
                 return .ok(VMRPCReverseCallDelivery(callID: message.id, procedure: message.procedure, payload: message.payload))
             case .cancelled: return .failed(.cancelled)
+            case .interrupted: return .failed(.interrupted)
             case .deadlineReached, .parkLimitReached, .descriptorsReady: return .failed(.timedOut)
             }
         }

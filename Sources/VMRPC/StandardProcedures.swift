@@ -64,6 +64,8 @@ public enum VMRPCStandardProcedures {
                     return .ok(VMRPCWakeUp(guestTSC: mapping.guestTSC(at: source.sampleHost())))
                 case .cancelled:
                     return .failed(.cancelled)
+                case .interrupted:
+                    return .failed(.interrupted)
                 case .parkLimitReached, .descriptorsReady, .hostMessage:
                     return .failed(.timedOut)
                 }

@@ -50,8 +50,11 @@ public struct VMRPCFeatures: OptionSet, Hashable, Sendable {
     public static let reverseCalls = VMRPCFeatures(rawValue: 1 << 0)
     /// The doorbell may be an MMIO write as well as a port write.
     public static let mmioDoorbell = VMRPCFeatures(rawValue: 1 << 1)
+    /// A call with this bit may end early with `interrupted` when the VMM has an interrupt
+    /// for the parked vCPU; the guest takes the interrupt and calls again.
+    public static let interruptible = VMRPCFeatures(rawValue: 1 << 2)
     /// Everything this implementation offers.
-    public static let all: VMRPCFeatures = [.reverseCalls, .mmioDoorbell]
+    public static let all: VMRPCFeatures = [.reverseCalls, .mmioDoorbell, .interruptible]
 }
 
 /// The status of a call, written by the host.
@@ -71,6 +74,7 @@ public enum VMRPCStatus: UInt32, Error, Sendable, CaseIterable {
     case noSuchCall = 12
     case busy = 13
     case internalError = 14
+    case interrupted = 15
 }
 
 /// Procedure ids. 0 is reserved; 0x100-0x1FF are reserved for `net.*`.

@@ -125,3 +125,43 @@ final class LongPollDispatcherTests: XCTestCase {
         XCTAssertEqual(result.withLock { $0 }, .hostMessage(HostMessage(id: 7, procedure: 1, payload: [9])))
     }
 }
+
+final class InterruptibleWaitTests: XCTestCase {
+    /// `interrupt(vcpu:)` ends an interruptible wait, even one that starts after it; other waits
+    /// ignore it; entering the guest (`interruptDelivered`) drops it.
+    func testInterruptEndsOnlyInterruptibleWaitsUntilDelivered() throws {
+        let clock = ManualClock(start: 1_000)
+        let dispatcher = try LongPollDispatcher(vcpuCount: 2, clock: clock, waiter: InstantWaiter(clock: clock))
+        dispatcher.interrupt(vcpu: 0)
+        XCTAssertEqual(dispatcher.wait(vcpu: 0, for: LongPollRequest(deadline: 2_000)), .deadlineReached(lateNanoseconds: 0),
+                       "a wait that is not interruptible ignores it")
+        XCTAssertEqual(dispatcher.wait(vcpu: 1, for: LongPollRequest(deadline: 3_000, interruptible: true)),
+                       .deadlineReached(lateNanoseconds: 0), "another vCPU's wait ignores it")
+        XCTAssertEqual(dispatcher.wait(vcpu: 0, for: LongPollRequest(deadline: 4_000, interruptible: true)), .interrupted)
+        XCTAssertEqual(dispatcher.wait(vcpu: 0, for: LongPollRequest(deadline: 5_000, interruptible: true)),
+                       .deadlineReached(lateNanoseconds: 0), "taken once")
+        dispatcher.interrupt(vcpu: 0)
+        dispatcher.interruptDelivered(vcpu: 0)
+        XCTAssertEqual(dispatcher.wait(vcpu: 0, for: LongPollRequest(deadline: 6_000, interruptible: true)),
+                       .deadlineReached(lateNanoseconds: 0), "entering the guest delivered it")
+        dispatcher.interrupt(vcpu: 0)
+        dispatcher.cancel(vcpu: 0)
+        XCTAssertEqual(dispatcher.wait(vcpu: 0, for: LongPollRequest(deadline: 7_000, interruptible: true)), .cancelled,
+                       "a stop wins over an interrupt")
+    }
+
+    /// On real threads: an interruptible wait parked for 10 s ends when interrupted.
+    func testInterruptWakesAParkedWait() throws {
+        let dispatcher = try LongPollDispatcher(vcpuCount: 1)
+        let result = LockedValue<LongPollResult?>(nil)
+        let thread = try HostThread(name: "parked") {
+            let outcome = dispatcher.wait(vcpu: 0, for: LongPollRequest(deadline: monotonicNanoseconds() + 10_000_000_000,
+                                                                       interruptible: true))
+            result.withLock { $0 = outcome }
+        }
+        while !dispatcher.isWaiting(vcpu: 0) { usleep(100) }
+        dispatcher.interrupt(vcpu: 0)
+        XCTAssertTrue(thread.waitForFinish(timeoutNanoseconds: 5_000_000_000), "hang detector")
+        XCTAssertEqual(result.withLock { $0 }, .interrupted)
+    }
+}

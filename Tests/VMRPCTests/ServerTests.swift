@@ -348,3 +348,24 @@ final class SleepDeadlineRuleTests: XCTestCase {
         XCTAssertEqual(harness.clock.nowNanoseconds(), written + 2_000 + 10_000_000_000)
     }
 }
+
+/// Calls with the `interruptible` bit end with `interrupted` when the VMM interrupts the vCPU.
+final class InterruptibleCallTests: XCTestCase {
+    func testInterruptibleSleepEndsWithInterrupted() throws {
+        let harness = try ServerHarness()
+        let deadline = harness.clock.nowNanoseconds() + 5_000_000
+        harness.dispatcher.interrupt(vcpu: 0)
+        let plain = try harness.client(features: []).sleepUntil(guestTSC: deadline)
+        XCTAssertEqual(plain.0, .ok, "a call without the bit sleeps to its deadline")
+        harness.dispatcher.interrupt(vcpu: 0)
+        let interruptible = harness.client(features: .interruptible)
+        XCTAssertEqual(try interruptible.sleepUntil(guestTSC: deadline + 5_000_000).0, .interrupted)
+        XCTAssertEqual(harness.clock.nowNanoseconds(), deadline, "it did not sleep")
+        // A poll that is interrupted takes no reverse call.
+        try harness.server.reverseCall(vcpu: 0, procedure: 9, payload: []) { _ in }
+        harness.dispatcher.interrupt(vcpu: 0)
+        let guest = harness.client(features: [.reverseCalls, .interruptible])
+        XCTAssertEqual(try guest.poll(timeoutNanoseconds: 1_000).0, .interrupted)
+        XCTAssertEqual(try guest.poll(timeoutNanoseconds: 1_000).1?.procedure, 9, "still queued for the next poll")
+    }
+}

@@ -58,9 +58,39 @@ enum rtv_kvm_capability {
     RTV_CAP_NR_MEMSLOTS = KVM_CAP_NR_MEMSLOTS,
     RTV_CAP_TSC_DEADLINE_TIMER = KVM_CAP_TSC_DEADLINE_TIMER,
     RTV_CAP_GET_TSC_KHZ = KVM_CAP_GET_TSC_KHZ,
+    RTV_CAP_MP_STATE = KVM_CAP_MP_STATE,
+    RTV_CAP_SIGNAL_MSI = KVM_CAP_SIGNAL_MSI,
 };
 
 static inline int rtv_kvm_get_tsc_khz(int vcpufd) { return ioctl(vcpufd, KVM_GET_TSC_KHZ, 0); }
+
+// MARK: Interrupts and multiprocessing state
+
+static inline int rtv_kvm_get_mp_state(int vcpufd, struct kvm_mp_state *s) { return ioctl(vcpufd, KVM_GET_MP_STATE, s); }
+static inline int rtv_kvm_set_mp_state(int vcpufd, const struct kvm_mp_state *s) { return ioctl(vcpufd, KVM_SET_MP_STATE, s); }
+static inline int rtv_kvm_interrupt(int vcpufd, uint32_t vector) {
+    struct kvm_interrupt interrupt = { .irq = vector };
+    return ioctl(vcpufd, KVM_INTERRUPT, &interrupt);
+}
+static inline int rtv_kvm_signal_msi(int vmfd, uint64_t address, uint32_t data) {
+    struct kvm_msi msi = { .address_lo = (uint32_t)address, .address_hi = (uint32_t)(address >> 32), .data = data };
+    return ioctl(vmfd, KVM_SIGNAL_MSI, &msi);
+}
+static inline int rtv_kvm_irq_line(int vmfd, uint32_t gsi, uint32_t level) {
+    struct kvm_irq_level line = { .irq = gsi, .level = level };
+    return ioctl(vmfd, KVM_IRQ_LINE, &line);
+}
+static inline int rtv_kvm_irqfd_assign(int vmfd, int eventfd, uint32_t gsi, int deassign) {
+    struct kvm_irqfd irqfd = { .fd = (uint32_t)eventfd, .gsi = gsi, .flags = deassign ? KVM_IRQFD_FLAG_DEASSIGN : 0 };
+    return ioctl(vmfd, KVM_IRQFD, &irqfd);
+}
+enum rtv_kvm_mp_state {
+    RTV_MP_STATE_RUNNABLE = KVM_MP_STATE_RUNNABLE,
+    RTV_MP_STATE_UNINITIALIZED = KVM_MP_STATE_UNINITIALIZED,
+    RTV_MP_STATE_INIT_RECEIVED = KVM_MP_STATE_INIT_RECEIVED,
+    RTV_MP_STATE_HALTED = KVM_MP_STATE_HALTED,
+    RTV_MP_STATE_SIPI_RECEIVED = KVM_MP_STATE_SIPI_RECEIVED,
+};
 
 // MARK: Exit decoding
 

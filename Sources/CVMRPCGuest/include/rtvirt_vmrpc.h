@@ -24,6 +24,7 @@
 /* Feature bits. */
 #define RTV_VMRPC_FEATURE_REVERSE_CALLS (1u << 0)
 #define RTV_VMRPC_FEATURE_MMIO_DOORBELL (1u << 1)
+#define RTV_VMRPC_FEATURE_INTERRUPTIBLE (1u << 2)
 
 /* Procedures. */
 #define RTV_VMRPC_PROC_NULL        1u
@@ -48,6 +49,7 @@
 #define RTV_VMRPC_NO_SUCH_CALL        12u
 #define RTV_VMRPC_BUSY                13u
 #define RTV_VMRPC_INTERNAL_ERROR      14u
+#define RTV_VMRPC_INTERRUPTED         15u
 
 /* The slot header. All fields little-endian (x86 is). */
 struct rtv_vmrpc_header {

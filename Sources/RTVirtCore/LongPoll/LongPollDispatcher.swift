@@ -24,6 +24,9 @@ public final class LongPollDispatcher: Sendable {
             var waiting = false
         }
         let state = LockedValue(State())
+        /// The VMM has an interrupt for this vCPU: end an interruptible wait. Cleared when a
+        /// wait takes it or when the vCPU re-enters the guest (which delivers the interrupt).
+        let interruptPending = Atomic<Bool>(false)
         let wake: EventNotifier
         init() throws(Errno) { wake = try EventNotifier() }
     }
@@ -89,6 +92,28 @@ public final class LongPollDispatcher: Sendable {
         guard channels.indices.contains(vcpu) else { return }
         channels[vcpu].state.withLock { $0.cancelled = true }
         channels[vcpu].wake.signal()
+    }
+
+    /// Ends the current or next interruptible wait of `vcpu` with `.interrupted`: the VMM has
+    /// injected an interrupt for it and wants the guest to take it now, not when its long poll
+    /// ends. The request stays pending until a wait takes it or the run loop re-enters the guest
+    /// (`interruptDelivered(vcpu:)`, which `VCPURunLoop` calls before each entry). Waits that are
+    /// not `interruptible` ignore it. Safe from any thread; inject the interrupt first.
+    public func interrupt(vcpu: Int) {
+        guard channels.indices.contains(vcpu) else { return }
+        channels[vcpu].interruptPending.store(true, ordering: .sequentiallyConsistent)
+        channels[vcpu].wake.signal()
+    }
+
+    /// Drops a pending `interrupt(vcpu:)`: the vCPU is about to enter the guest, where the
+    /// hypervisor delivers the interrupt itself. Called by the run loop before each entry.
+    @inline(__always)
+    public func interruptDelivered(vcpu: Int) {
+        guard channels.indices.contains(vcpu) else { return }
+        let channel = channels[vcpu]
+        if channel.interruptPending.load(ordering: .relaxed) {
+            channel.interruptPending.store(false, ordering: .sequentiallyConsistent)
+        }
     }
 
     /// Cancels every vCPU's waits.
@@ -214,7 +239,11 @@ public final class LongPollDispatcher: Sendable {
     }
 
     private func takeEarlyResult(_ channel: Channel, _ request: LongPollRequest) -> LongPollResult? {
-        channel.state.withLock { state in
+        if request.interruptible, channel.interruptPending.exchange(false, ordering: .sequentiallyConsistent) {
+            if channel.state.withLock({ $0.cancelled }) { return .cancelled }
+            return .interrupted
+        }
+        return channel.state.withLock { state in
             if state.cancelled { return .cancelled }
             if request.acceptsHostMessages, !state.messages.isEmpty { return .hostMessage(state.messages.removeFirst()) }
             return nil

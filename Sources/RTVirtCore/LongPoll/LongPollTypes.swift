@@ -40,10 +40,14 @@ public struct LongPollRequest: Equatable, Sendable {
     public var descriptors: [PollDescriptor]
     /// Whether a queued host message ends the wait (and is taken).
     public var acceptsHostMessages: Bool
+    /// Whether `LongPollDispatcher.interrupt(vcpu:)` ends the wait with `.interrupted`.
+    public var interruptible: Bool
 
     /// A wait request.
-    public init(deadline: UInt64? = nil, descriptors: [PollDescriptor] = [], acceptsHostMessages: Bool = false) {
+    public init(deadline: UInt64? = nil, descriptors: [PollDescriptor] = [], acceptsHostMessages: Bool = false,
+                interruptible: Bool = false) {
         self.deadline = deadline; self.descriptors = descriptors; self.acceptsHostMessages = acceptsHostMessages
+        self.interruptible = interruptible
     }
 }
 
@@ -59,6 +63,9 @@ public enum LongPollResult: Equatable, Sendable {
     case parkLimitReached
     /// The wait was cancelled (the vCPU is pausing or stopping).
     case cancelled
+    /// The VMM has an interrupt for the vCPU (`LongPollDispatcher.interrupt(vcpu:)`); only for
+    /// `interruptible` requests. The caller returns to the guest, which takes the interrupt.
+    case interrupted
 }
 
 /// Errors from posting to a vCPU.

@@ -81,19 +81,52 @@ int rtv_exit_complete_mmio_read(struct kvm_run *run, uint64_t value) {
     return 0;
 }
 
-// Does nothing, which is async-signal-safe; its only job is to interrupt KVM_RUN.
+// What was installed for each signal before the kick handler, when the VMM asked to chain.
+// Written under `kick_install_lock` before the kick handler is installed, read by the handler.
+static struct sigaction kick_previous[_NSIG];
+static int kick_chains[_NSIG];
+static pthread_mutex_t kick_install_lock = PTHREAD_MUTEX_INITIALIZER;
+
+// Interrupting KVM_RUN is the whole job; it calls a chained handler, if any, and nothing else.
 static void rtv_kick_handler(int signo, siginfo_t *info, void *context) {
-    (void)signo; (void)info; (void)context;
+    if (signo <= 0 || signo >= _NSIG || !kick_chains[signo]) return;
+    const struct sigaction *previous = &kick_previous[signo];
+    if (previous->sa_flags & SA_SIGINFO) {
+        if (previous->sa_sigaction) previous->sa_sigaction(signo, info, context);
+    } else if (previous->sa_handler != SIG_DFL && previous->sa_handler != SIG_IGN && previous->sa_handler) {
+        previous->sa_handler(signo);
+    }
 }
 
-int rtv_kick_install_handler(int signo) {
-    struct sigaction action;
-    memset(&action, 0, sizeof(action));
-    action.sa_sigaction = rtv_kick_handler;
-    action.sa_flags = SA_SIGINFO; // no SA_RESTART: KVM_RUN must return EINTR
-    sigemptyset(&action.sa_mask);
-    if (sigaction(signo, &action, NULL) != 0) return errno;
-    return 0;
+int rtv_kick_install_handler(int signo, int chain) {
+    if (signo <= 0 || signo >= _NSIG) return EINVAL;
+    pthread_mutex_lock(&kick_install_lock);
+    struct sigaction current;
+    int result = 0;
+    if (sigaction(signo, NULL, &current) != 0) {
+        result = errno;
+    } else if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == rtv_kick_handler) {
+        result = 0; // already ours
+    } else {
+        int foreign = (current.sa_flags & SA_SIGINFO) ? current.sa_sigaction != NULL
+                                                      : (current.sa_handler != SIG_DFL && current.sa_handler != SIG_IGN);
+        if (foreign && !chain) {
+            result = EBUSY;
+        } else {
+            if (foreign) {
+                kick_previous[signo] = current;
+                __atomic_store_n(&kick_chains[signo], 1, __ATOMIC_SEQ_CST);
+            }
+            struct sigaction action;
+            memset(&action, 0, sizeof(action));
+            action.sa_sigaction = rtv_kick_handler;
+            action.sa_flags = SA_SIGINFO; // no SA_RESTART: KVM_RUN must return EINTR
+            sigemptyset(&action.sa_mask);
+            if (sigaction(signo, &action, NULL) != 0) result = errno;
+        }
+    }
+    pthread_mutex_unlock(&kick_install_lock);
+    return result;
 }
 
 void rtv_run_set_immediate_exit(struct kvm_run *run, uint8_t value) {

@@ -23,6 +23,8 @@ public enum KVMError: Error, Equatable, Sendable, CustomStringConvertible {
     case noPendingRead(String)
     /// Mapping the vCPU's shared `kvm_run` area failed.
     case runAreaMappingFailed(errno: Errno)
+    /// The kick signal already has a handler that RTVirt did not install (see `KVMKickSignal`).
+    case kickSignalInUse(signal: Int32)
 
     public var description: String {
         switch self {
@@ -46,6 +48,8 @@ public enum KVMError: Error, Equatable, Sendable, CustomStringConvertible {
             return "no pending \(what) exit to complete"
         case let .runAreaMappingFailed(errno):
             return "mapping the vCPU's kvm_run area failed: \(errno)"
+        case let .kickSignalInUse(signal):
+            return "signal \(signal) already has a handler: choose another kick signal, or chain it (KVMKickSignal.foreignHandler)"
         }
     }
 }

@@ -6,7 +6,7 @@ import SystemPackage
 /// An open `/dev/kvm`: the entry point of the KVM backend.
 ///
 /// Opening checks the API version (12) and the capabilities in `KVMCapability.required`, and
-/// installs the process-wide handler for the kick signal.
+/// installs the process-wide handler for the kick signal (`KVMKickSignal`).
 public final class KVMSystem: Hypervisor {
     /// The usual path of the KVM device.
     public static let defaultPath = "/dev/kvm"
@@ -17,11 +17,13 @@ public final class KVMSystem: Hypervisor {
     let descriptor: OwnedDescriptor
     /// Size of each vCPU's shared `kvm_run` area.
     public let vcpuRunAreaSize: Int
+    /// The signal that kicks this system's vCPUs out of `KVM_RUN`.
+    public let kickSignal: KVMKickSignal
 
     /// Opens the KVM device at `path`.
     /// - Throws: `KVMError.deviceMissing`, `.permissionDenied`, `.unsupportedAPIVersion`,
-    ///   `.missingCapability`, or another `KVMError`.
-    public init(path: String = KVMSystem.defaultPath) throws(KVMError) {
+    ///   `.missingCapability`, `.kickSignalInUse`, or another `KVMError`.
+    public init(path: String = KVMSystem.defaultPath, kickSignal: KVMKickSignal = .default) throws(KVMError) {
         let fd = open(path, O_RDWR | O_CLOEXEC)
         guard fd >= 0 else {
             let code = errno
@@ -39,7 +41,8 @@ public final class KVMSystem: Hypervisor {
             throw .missingCapability(capability)
         }
         vcpuRunAreaSize = Int(try checkedIoctl("KVM_GET_VCPU_MMAP_SIZE") { rtv_kvm_get_vcpu_mmap_size(fd) })
-        try KickSignal.installHandler()
+        try kickSignal.install()
+        self.kickSignal = kickSignal
     }
 
     private static func checkExtension(_ fd: Int32, _ capability: KVMCapability) throws(KVMError) -> Int32 {

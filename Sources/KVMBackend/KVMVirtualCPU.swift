@@ -54,7 +54,7 @@ public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
         if kickableThread.withLock({ $0 }) != thread {
             // Threads inherit signal masks; a vCPU thread started from a thread that blocks the
             // kick signal could never be kicked out of KVM_RUN.
-            let result = rtv_kick_unblock_in_current_thread(KickSignal.number)
+            let result = rtv_kick_unblock_in_current_thread(vm.system.kickSignal.number)
             guard result == 0 else { throw .ioctlFailed(operation: "pthread_sigmask", errno: Errno(rawValue: result)) }
             kickableThread.withLock { $0 = thread }
         }
@@ -150,7 +150,7 @@ public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
             // the signal covers one already inside. The lock keeps the thread alive while
             // it is signalled (it clears `runningThread` under the same lock after KVM_RUN).
             rtv_run_set_immediate_exit(runArea, 1)
-            if let thread { _ = rtv_kick_thread(thread, KickSignal.number) }
+            if let thread { _ = rtv_kick_thread(thread, vm.system.kickSignal.number) }
         }
     }
 

@@ -136,10 +136,13 @@ int rtv_exit_complete_mmio_read(struct kvm_run *run, uint64_t value);
 
 // MARK: Kick
 
-/// Installs an empty handler for `signo` without SA_RESTART, so that the signal makes a
-/// blocked KVM_RUN return EINTR instead of killing the process. Idempotent. Returns 0 or errno.
-/// The kicker sets `immediate_exit` before it signals, so the handler has nothing to do.
-int rtv_kick_install_handler(int signo);
+/// Installs the kick handler for `signo` without SA_RESTART, so that the signal makes a
+/// blocked KVM_RUN return EINTR instead of killing the process. The kicker sets
+/// `immediate_exit` before it signals, so the handler has nothing to do for kicks. When `signo`
+/// already has another handler (not SIG_DFL or SIG_IGN): with `chain` 0 nothing changes and
+/// EBUSY is returned; otherwise that handler is kept and called after each delivery. Idempotent.
+/// Returns 0 or an errno value.
+int rtv_kick_install_handler(int signo, int chain);
 
 /// Unblocks `signo` in the calling thread's signal mask (threads inherit masks: one started
 /// from a libdispatch worker has every signal blocked). Returns 0 or an errno value.

@@ -12,9 +12,13 @@ public final class KVMVirtualMachine: VirtualMachine {
     /// The KVM system this VM was created from.
     public let system: KVMSystem
     let descriptor: OwnedDescriptor
-    /// The guest's memory, with bounds-checked access.
-    public let guestMemory = GuestMemoryMap()
-    public var memory: any GuestMemory { guestMemory }
+    /// The guest's memory, with bounds-checked access. Regions are added only through
+    /// `addKVMMemory`, which registers each with KVM; no other way in exists.
+    public var guestMemory: any GuestMemory { memoryMap }
+    public var memory: any GuestMemory { memoryMap }
+    /// The regions of guest memory (each a KVM memory slot), in the order they were added.
+    public var memoryRegions: [GuestMemoryRegion] { memoryMap.regions }
+    private let memoryMap = GuestMemoryMap()
     public let maximumVCPUCount: Int
     /// How many memory slots this VM may use.
     public let memorySlotLimit: Int
@@ -54,7 +58,7 @@ public final class KVMVirtualMachine: VirtualMachine {
             }
             let region: GuestMemoryRegion
             do throws(MemoryLayoutError) {
-                try GuestMemoryMap.validate(base: base, size: size, against: guestMemory.regions)
+                try GuestMemoryMap.validate(base: base, size: size, against: memoryMap.regions)
                 region = GuestMemoryRegion(base: base, mapping: try AnonymousMemoryMapping(size: size))
             } catch {
                 throw .invalidMemoryRegion(error)
@@ -68,7 +72,7 @@ public final class KVMVirtualMachine: VirtualMachine {
             _ = try checkedIoctl("KVM_SET_USER_MEMORY_REGION") {
                 rtv_kvm_set_user_memory_region(descriptor.rawValue, &slot)
             }
-            do throws(MemoryLayoutError) { try guestMemory.insert(region) } catch { throw .invalidMemoryRegion(error) }
+            do throws(MemoryLayoutError) { try memoryMap.insert(region) } catch { throw .invalidMemoryRegion(error) }
             book.nextSlot += 1
             return region
         }

@@ -27,22 +27,46 @@ public struct GuestMemoryRegion: Sendable {
 
 /// Guest memory made of non-overlapping, page-aligned regions of anonymous host memory.
 ///
-/// Regions are added while the VM is set up and never removed, so the region list only
-/// grows; lookups read a snapshot under a lock that is never held across guest-visible work.
-public final class GuestMemoryMap: GuestMemory {
-    private let regionList = LockedValue<[GuestMemoryRegion]>([])
+/// Regions are added while the VM is set up and never removed. Lookups take no lock, so vCPUs
+/// never contend on the map (the doorbell path reads guest memory on every call): the regions
+/// live in a fixed table that only grows; a writer fills the next entry under a lock and then
+/// publishes the new count with a release store, and a reader loads the count with acquire
+/// and reads only entries below it, which never change once published.
+public final class GuestMemoryMap: GuestMemory, @unchecked Sendable {
+    // @unchecked: `table` entries below `published` are immutable once published (release
+    // store of the count after the write, acquire load before any read); entries at or above
+    // it are written only under `writerLock`.
+    private let table: UnsafeMutablePointer<GuestMemoryRegion?>
+    private let published = Atomic<Int>(0)
+    private let writerLock = LockedValue<Void>(())
+
+    /// The most regions a map holds (KVM's default memory-slot limit is lower on most hosts).
+    public static let maximumRegionCount = 512
 
     /// An empty map.
-    public init() {}
+    public init() {
+        table = .allocate(capacity: Self.maximumRegionCount)
+        table.initialize(repeating: nil, count: Self.maximumRegionCount)
+    }
 
-    /// The regions, ordered by base address.
-    public var regions: [GuestMemoryRegion] { regionList.withLock { $0 } }
+    deinit {
+        table.deinitialize(count: Self.maximumRegionCount)
+        table.deallocate()
+    }
+
+    /// The regions, in the order they were added.
+    public var regions: [GuestMemoryRegion] {
+        let count = published.load(ordering: .acquiring)
+        // Sound: entries below the published count are initialized and never written again.
+        return (0..<count).map { table[$0]! }
+    }
 
     /// Total bytes of guest memory.
     public var totalSize: UInt64 { regions.reduce(0) { $0 + $1.size } }
 
     /// Maps `size` bytes of anonymous host memory at guest address `base`.
-    /// - Throws: `MemoryLayoutError` when unaligned, empty, overflowing or overlapping.
+    /// - Throws: `MemoryLayoutError` when unaligned, empty, overflowing, overlapping, or past
+    ///   `maximumRegionCount`.
     @discardableResult
     public func addRegion(at base: GuestAddress, size: UInt64) throws(MemoryLayoutError) -> GuestMemoryRegion {
         try Self.validate(base: base, size: size, against: regions)
@@ -52,12 +76,16 @@ public final class GuestMemoryMap: GuestMemory {
     }
 
     /// Adds an already mapped region (for a hypervisor that registers the mapping first).
-    /// - Throws: `MemoryLayoutError.overlapping` when it overlaps a region already present.
+    /// - Throws: `MemoryLayoutError.overlapping` when it overlaps a region already present,
+    ///   `.tooManyRegions` past `maximumRegionCount`.
     public func insert(_ region: GuestMemoryRegion) throws(MemoryLayoutError) {
-        try regionList.withLock { (list) throws(MemoryLayoutError) in
-            try Self.validate(base: region.base, size: region.size, against: list)
-            list.append(region)
-            list.sort { $0.base < $1.base }
+        try writerLock.withLock { (_) throws(MemoryLayoutError) in
+            let count = published.load(ordering: .relaxed) // only writers change it, under this lock
+            guard count < Self.maximumRegionCount else { throw .tooManyRegions(limit: Self.maximumRegionCount) }
+            try Self.validate(base: region.base, size: region.size, against: regions)
+            // Sound: entry `count` is not yet published, so no reader looks at it.
+            table[count] = region
+            published.store(count + 1, ordering: .releasing)
         }
     }
 
@@ -74,9 +102,14 @@ public final class GuestMemoryMap: GuestMemory {
         }
     }
 
-    /// The region containing the whole range, or `nil`.
+    /// The region containing the whole range, or `nil`. Takes no lock.
     public func region(containing address: GuestAddress, length: UInt64) -> GuestMemoryRegion? {
-        regionList.withLock { list in list.first { $0.contains(address, length: length) } }
+        let count = published.load(ordering: .acquiring)
+        for index in 0..<count {
+            // Sound: entries below the published count are initialized and never written again.
+            if let region = table[index], region.contains(address, length: length) { return region }
+        }
+        return nil
     }
 
     public func withHostPointer<R>(

@@ -112,8 +112,13 @@ public struct VMRPCRequestHeader: Equatable, Sendable {
         self.features = features.rawValue
     }
 
-    /// Decodes the first 32 bytes of `bytes` (which must hold at least 32).
+    /// Decodes the first 32 bytes of `bytes`. Bytes missing from a shorter buffer read as zero
+    /// (such a header fails `validate`: its magic is wrong); nothing is read out of bounds.
     public init(decoding bytes: UnsafeRawBufferPointer) {
+        guard bytes.count >= VMRPCWire.responseOffset else {
+            self = withZeroPadded(bytes, to: VMRPCWire.responseOffset) { VMRPCRequestHeader(decoding: $0) }
+            return
+        }
         var reader = VMRPCByteReader(bytes)
         magic = reader.uncheckedUInt32()
         version = reader.uncheckedUInt16()
@@ -161,8 +166,13 @@ public struct VMRPCResponseHeader: Equatable, Sendable {
         self.hostFeatures = hostFeatures.rawValue
     }
 
-    /// Decodes 32 bytes.
+    /// Decodes the first 20 bytes of `bytes` (the fields before the reserved ones). Bytes
+    /// missing from a shorter buffer read as zero; nothing is read out of bounds.
     public init(decoding bytes: UnsafeRawBufferPointer) {
+        guard bytes.count >= 20 else {
+            self = withZeroPadded(bytes, to: 20) { VMRPCResponseHeader(decoding: $0) }
+            return
+        }
         var reader = VMRPCByteReader(bytes)
         status = reader.uncheckedUInt32()
         resultLength = reader.uncheckedUInt32()
@@ -179,4 +189,15 @@ public struct VMRPCResponseHeader: Equatable, Sendable {
         writer.append(UInt32(0)); writer.append(UInt64(0))
         return writer.bytes
     }
+}
+
+/// Calls `body` with `bytes` copied into a zeroed buffer of `count` bytes (for decoders given
+/// fewer bytes than their fixed size).
+private func withZeroPadded<T>(_ bytes: UnsafeRawBufferPointer, to count: Int, _ body: (UnsafeRawBufferPointer) -> T) -> T {
+    var padded = [UInt8](repeating: 0, count: count)
+    padded.withUnsafeMutableBytes { padded in
+        // Sound: at most `count` bytes are copied into a buffer of `count` bytes.
+        padded.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes.prefix(count)))
+    }
+    return padded.withUnsafeBytes(body)
 }

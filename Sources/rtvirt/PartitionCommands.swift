@@ -148,7 +148,7 @@ struct RunawayCommand: ParsableCommand {
             }
             let rate = try Self.measure(system: system, cpu: rtCPU, seconds: seconds, partition: partition, onMachine: { machine in
                 // Guest memory on the plan's node (libnuma); a no-op that says so on one-node hosts.
-                let region = machine.vm.guestMemory.regions[0]
+                let region = machine.vm.memoryRegions[0]
                 numaMessage = NUMABinding.bindMemory(region.mapping.pointer, size: Int(region.size), node: plan.memoryNode ?? 0)
             }) { stopStart in
                 let stopNanoseconds = monotonicNanoseconds() - stopStart

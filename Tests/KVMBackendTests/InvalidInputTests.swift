@@ -32,7 +32,7 @@ final class InvalidInputTests: XCTestCase {
         XCTAssertThrowsError(try vm.addKVMMemory(at: GuestAddress(0), size: 0)) { error in
             XCTAssertEqual(error as? KVMError, .invalidMemoryRegion(.emptyRegion))
         }
-        XCTAssertTrue(vm.guestMemory.regions.isEmpty, "a rejected region must leave nothing behind")
+        XCTAssertTrue(vm.memoryRegions.isEmpty, "a rejected region must leave nothing behind")
     }
 
     func testOverlappingMemorySlotIsRejected() throws {
@@ -45,7 +45,7 @@ final class InvalidInputTests: XCTestCase {
         }
         // Adjacent is fine.
         XCTAssertNoThrow(try vm.addKVMMemory(at: GuestAddress(0x20_0000), size: 0x1000))
-        XCTAssertEqual(vm.guestMemory.regions.count, 2)
+        XCTAssertEqual(vm.memoryRegions.count, 2)
     }
 
     func testVCPUIDOutOfRangeOrDuplicatedIsRejected() throws {

@@ -33,7 +33,7 @@ final class TeardownTests: XCTestCase {
             let machine = try BundledGuestMachine(system: kvm, vcpus: [
                 BundledGuestVCPU(mode: .compute, arguments: (10, 1)), BundledGuestVCPU(mode: .compute, arguments: (10, 2)),
             ])
-            guestRAM = machine.vm.guestMemory.regions[0].mapping.pointer
+            guestRAM = machine.vm.memoryRegions[0].mapping.pointer
             XCTAssertEqual(openDescriptorCount(), descriptorsBefore + 3, "one VM and two vCPU descriptors")
             runAreas = machine.vcpus.map { UnsafeMutableRawPointer($0.runArea) }
             XCTAssertTrue(isMapped(guestRAM))

@@ -124,3 +124,18 @@ final class TestVectorTests: XCTestCase {
         XCTAssertEqual(MemoryLayout<rtv_vmrpc_header>.size, VMRPCWire.headerSize)
     }
 }
+
+final class HeaderDecodingTests: XCTestCase {
+    /// The public decoders never read past what they are given: missing bytes read as zero.
+    func testShortBuffersDecodeAsZeroPadded() {
+        let request = [UInt8]([0x52, 0x54, 0x56]).withUnsafeBytes { VMRPCRequestHeader(decoding: $0) }
+        XCTAssertEqual(request.magic, 0x56_5452)
+        XCTAssertEqual(request.validate(hostFeatures: .all), .badMagic)
+        let empty = VMRPCRequestHeader(decoding: UnsafeRawBufferPointer(start: nil, count: 0))
+        XCTAssertEqual(empty.procedure, 0)
+        let response = [UInt8]([9, 0, 0, 0, 4]).withUnsafeBytes { VMRPCResponseHeader(decoding: $0) }
+        XCTAssertEqual(response.status, 9)
+        XCTAssertEqual(response.resultLength, 4)
+        XCTAssertEqual(response.hostVersion, 0)
+    }
+}

@@ -42,6 +42,33 @@ static inline uint64_t rtv_rdtsc(void) {
     __asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));
     return ((uint64_t)hi << 32) | lo;
 }
+/// Atomic accesses to memory shared with a guest (aligned, 4 or 8 bytes). `order` is one of
+/// __ATOMIC_RELAXED (0), __ATOMIC_ACQUIRE (2), __ATOMIC_RELEASE (3), __ATOMIC_SEQ_CST (5).
+static inline uint32_t rtv_atomic_load_u32(const volatile uint32_t *p, int order) {
+    return order == 2 ? __atomic_load_n(p, __ATOMIC_ACQUIRE) : order == 5 ? __atomic_load_n(p, __ATOMIC_SEQ_CST)
+                      : __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+static inline uint64_t rtv_atomic_load_u64(const volatile uint64_t *p, int order) {
+    return order == 2 ? __atomic_load_n(p, __ATOMIC_ACQUIRE) : order == 5 ? __atomic_load_n(p, __ATOMIC_SEQ_CST)
+                      : __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+static inline void rtv_atomic_store_u32(volatile uint32_t *p, uint32_t v, int order) {
+    if (order == 3) __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    else if (order == 5) __atomic_store_n(p, v, __ATOMIC_SEQ_CST);
+    else __atomic_store_n(p, v, __ATOMIC_RELAXED);
+}
+static inline void rtv_atomic_store_u64(volatile uint64_t *p, uint64_t v, int order) {
+    if (order == 3) __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    else if (order == 5) __atomic_store_n(p, v, __ATOMIC_SEQ_CST);
+    else __atomic_store_n(p, v, __ATOMIC_RELAXED);
+}
+/// Compare-and-exchange (sequentially consistent); returns the value found.
+static inline uint32_t rtv_atomic_cas_u32(volatile uint32_t *p, uint32_t expected, uint32_t desired) {
+    __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    return expected;
+}
+/// A full memory fence.
+static inline void rtv_atomic_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 /// A pause instruction for spin loops.
 static inline void rtv_cpu_relax(void) { __asm__ __volatile__("pause" ::: "memory"); }
 

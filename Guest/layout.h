@@ -38,10 +38,12 @@
 #define GUEST_MODE_CYCLIC_LONG_POLL  8 /* RSI periods of RDX TSC cycles, waiting with VMRPC timer.sleepUntil (CPL 3) */
 #define GUEST_MODE_STRING_IO 10 /* rep outsb of "RTV!" to the result port; rep insw of 3 words from the input port, each reported */
 #define GUEST_MODE_CYCLIC_INTERRUPT 9 /* the same with the LAPIC TSC-deadline timer, sti; hlt (CPL 0, needs the irqchip) */
+#define GUEST_MODE_CYCLIC_LONG_POLL_RAW 11 /* mode 8 with the 8-byte timer.sleepUntil and no guest-side spin (CPL 3) */
 
 /* The cyclic modes store, per period i, (TSC at resume - deadline i) as a signed 64-bit value:
- * the interrupt mode at data[i]; the long-poll mode at data[2i], with data[2i + 1] its arrival
- * before the guest-side spin. The interrupt mode's timer vector: */
+ * the interrupt mode at data[i]; the long-poll modes at data[2i], with data[2i + 1] the arrival
+ * before the guest-side spin (the raw mode does not spin: the same value). The interrupt mode's
+ * timer vector: */
 #define GUEST_TIMER_VECTOR 0xEC
 
 /* Reverse-call procedures the rpc-demo guest serves. */

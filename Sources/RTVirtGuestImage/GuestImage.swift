@@ -38,6 +38,10 @@ public enum BundledGuestMode: UInt64, Sendable, CaseIterable {
     /// `rep outsb` of "RTV!" to the result port, then `rep insw` of three words from the input
     /// port, each reported with a plain `out`.
     case stringIO = 10
+    /// `cyclicLongPoll` without any compensation: the 8-byte `timer.sleepUntil` (no arrival
+    /// reported, so no early release) and no guest-side spin; the bare mechanism. The same data
+    /// layout (both values of a pair are the lateness; negative: the guest resumed early).
+    case cyclicLongPollRaw = 11
 
     /// The LCG multiplier and increment the `compute` mode uses.
     public static let lcgMultiplier: UInt64 = 6_364_136_223_846_793_005

@@ -42,8 +42,8 @@
 
 /* The cyclic modes store, per period i, (TSC at resume - deadline i) as a signed 64-bit value:
  * the interrupt mode at data[i]; the long-poll modes at data[2i], with data[2i + 1] the arrival
- * before the guest-side spin (the raw mode does not spin: the same value). The interrupt mode's
- * timer vector: */
+ * before the guest-side spin (mode 8) or the host's wake-up in guest TSC (mode 11, which does not
+ * spin). The interrupt mode's timer vector: */
 #define GUEST_TIMER_VECTOR 0xEC
 
 /* Reverse-call procedures the rpc-demo guest serves. */

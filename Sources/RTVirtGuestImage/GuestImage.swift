@@ -39,8 +39,10 @@ public enum BundledGuestMode: UInt64, Sendable, CaseIterable {
     /// port, each reported with a plain `out`.
     case stringIO = 10
     /// `cyclicLongPoll` without any compensation: the 8-byte `timer.sleepUntil` (no arrival
-    /// reported, so no early release) and no guest-side spin; the bare mechanism. The same data
-    /// layout (both values of a pair are the lateness; negative: the guest resumed early).
+    /// reported, so no early release) and no guest-side spin; the bare mechanism. Per period the
+    /// lateness (negative: the guest resumed early) and the host's wake-up (the guest TSC in the
+    /// call's `VMRPCWakeUp` result − deadline), interleaved: their difference is the return
+    /// from the host into the guest.
     case cyclicLongPollRaw = 11
 
     /// The LCG multiplier and increment the `compute` mode uses.

@@ -106,21 +106,37 @@ struct CyclicPathStatistics {
     var waitedNanoseconds: Double = 0
     /// Per-round summaries, in round order.
     private(set) var rounds: [CyclicRoundSummary] = []
+    /// Where the path reports when the host woke up for each wake-up: that time after the
+    /// deadline, and the rest of the lateness (the return into the guest), over all samples.
+    private(set) var hostWake: Histogram<UInt64>?
+    private(set) var returnPath: Histogram<UInt64>?
 
     init(path: CyclicPath) {
         self.path = path
-        total = Histogram(lowestDiscernibleValue: 1, highestTrackableValue: Self.highestTrackableNanoseconds, numberOfSignificantValueDigits: .three)
+        total = Self.emptyHistogram()
         round = total
     }
 
-    /// Records one wake-up `latenessNanoseconds` after its deadline (negative: before it).
-    mutating func record(latenessNanoseconds: Int64) {
+    /// Records one wake-up `latenessNanoseconds` after its deadline (negative: before it), for
+    /// which the host woke up `hostWakeNanoseconds` after the deadline, when known.
+    mutating func record(latenessNanoseconds: Int64, hostWakeNanoseconds: Int64? = nil) {
+        if let hostWakeNanoseconds {
+            if hostWake == nil { hostWake = Self.emptyHistogram(); returnPath = Self.emptyHistogram() }
+            _ = hostWake?.record(Self.clamped(hostWakeNanoseconds))
+            _ = returnPath?.record(Self.clamped(latenessNanoseconds - hostWakeNanoseconds))
+        }
         count += 1
         if latenessNanoseconds < 0 { earlyWakes += 1 }
         minimumNanoseconds = min(minimumNanoseconds, latenessNanoseconds)
         maximumNanoseconds = max(maximumNanoseconds, latenessNanoseconds)
         sumNanoseconds += Double(latenessNanoseconds)
-        _ = round.record(min(UInt64(max(0, latenessNanoseconds)), Self.highestTrackableNanoseconds))
+        _ = round.record(Self.clamped(latenessNanoseconds))
+    }
+
+    static func clamped(_ nanoseconds: Int64) -> UInt64 { min(UInt64(max(0, nanoseconds)), highestTrackableNanoseconds) }
+
+    static func emptyHistogram() -> Histogram<UInt64> {
+        Histogram(lowestDiscernibleValue: 1, highestTrackableValue: highestTrackableNanoseconds, numberOfSignificantValueDigits: .three)
     }
 
     /// Ends the current round: keeps its summary, adds it to the total, empties it. `log` sees
@@ -145,7 +161,9 @@ struct CyclicPathStatistics {
             p999Us: us(Double(total.valueAtPercentile(99.9))), maxUs: count == 0 ? 0 : us(Double(maximumNanoseconds)),
             spinCpuFraction: spinNanoseconds.map { waitedNanoseconds > 0 ? $0 / waitedNanoseconds : 0 },
             earlyWakes: earlyWakes, cpuFraction: cost.cpuFraction, stealFraction: cost.stealFraction,
-            involuntaryContextSwitches: cost.involuntarySwitches, rounds: rounds.count)
+            involuntaryContextSwitches: cost.involuntarySwitches, rounds: rounds.count,
+            hostWakeP50Us: hostWake.map { us(Double($0.valueAtPercentile(50))) }, hostWakeP99Us: hostWake.map { us(Double($0.valueAtPercentile(99))) },
+            returnP50Us: returnPath.map { us(Double($0.valueAtPercentile(50))) }, returnP99Us: returnPath.map { us(Double($0.valueAtPercentile(99))) })
     }
 }
 
@@ -175,6 +193,13 @@ struct CyclicPathResult: Codable, Equatable, Sendable {
     var involuntaryContextSwitches: Int
     /// Rounds this path ran.
     var rounds: Int
+    /// `guest-longpoll-raw` only: when the host woke up (the guest TSC of the call's result),
+    /// after the deadline, and the rest of the lateness, the return from the host into the
+    /// guest (p50 and p99 over all samples, µs).
+    var hostWakeP50Us: Double?
+    var hostWakeP99Us: Double?
+    var returnP50Us: Double?
+    var returnP99Us: Double?
 }
 
 /// The per-round comparisons of a run: for each comparison, the median and range of its values

@@ -39,8 +39,9 @@ enum CyclicTestError: Error, CustomStringConvertible {
 protocol CyclicPathRunner: AnyObject {
     var path: CyclicPath { get }
     /// Runs `periods` periods. `waiting` is called on the calling thread about every 200 ms
-    /// while the round runs; `record` gets each wake-up's lateness (ns) after the round.
-    func runRound(periods: Int, waiting: () -> Void, record: (Int64) -> Void) throws -> CyclicRoundOutcome
+    /// while the round runs; `record` gets each wake-up's lateness (ns) after the round, and,
+    /// where the path knows it, when the host woke up for it (ns after the deadline).
+    func runRound(periods: Int, waiting: () -> Void, record: (_ lateness: Int64, _ hostWake: Int64?) -> Void) throws -> CyclicRoundOutcome
 }
 
 /// Applies the measuring policy on the thread it runs on and samples the thread's cost at the
@@ -120,7 +121,7 @@ final class HostCyclicRunner: CyclicPathRunner {
         buffer = SampleBuffer(count: maximumPeriods)
     }
 
-    func runRound(periods: Int, waiting: () -> Void, record: (Int64) -> Void) throws -> CyclicRoundOutcome {
+    func runRound(periods: Int, waiting: () -> Void, record: (Int64, Int64?) -> Void) throws -> CyclicRoundOutcome {
         let hooks = MeasuringThreadHooks(settings)
         let interval = UInt64(settings.intervalMicroseconds) * 1000
         let dispatcher = self.dispatcher
@@ -145,7 +146,7 @@ final class HostCyclicRunner: CyclicPathRunner {
         while !thread.waitForFinish(timeoutNanoseconds: 200_000_000) { waiting() }
         thread.join()
         let cost = try hooks.outcome()
-        buffer.samples.withLock { samples in for index in 0..<min(periods, samples.count) { record(samples[index]) } }
+        buffer.samples.withLock { samples in for index in 0..<min(periods, samples.count) { record(samples[index], nil) } }
         let statistics = strategy?.statistics
         return CyclicRoundOutcome(cost: cost, spinNanoseconds: statistics.map { Double($0.spinNanoseconds) },
                                   waitedNanoseconds: statistics.map { Double($0.waitNanoseconds) } ?? Double(cost.wallNanoseconds))
@@ -199,7 +200,7 @@ final class GuestCyclicRunner: CyclicPathRunner {
 
     deinit { server?.shutdown() }
 
-    func runRound(periods: Int, waiting: () -> Void, record: (Int64) -> Void) throws -> CyclicRoundOutcome {
+    func runRound(periods: Int, waiting: () -> Void, record: (Int64, Int64?) -> Void) throws -> CyclicRoundOutcome {
         try machine.reenter(vcpu: 0, BundledGuestVCPU(mode: mode, arguments: (UInt64(periods), periodCycles)))
         // The previous round's runner stopped the vCPU on release: clear its kick and cancellation.
         machine.vcpus[0].acknowledgeKick()
@@ -221,15 +222,20 @@ final class GuestCyclicRunner: CyclicPathRunner {
         let nanosecondsPerCycle = 1e9 / Double(machine.tscMappings[0].frequencyHz)
         func nanoseconds(_ cycles: Int64) -> Int64 { Int64((Double(cycles) * nanosecondsPerCycle).rounded()) }
         if mode == .cyclicInterrupt {
-            for cycles in try machine.readSignedData(ofVCPU: 0, count: periods) { record(nanoseconds(cycles)) }
+            for cycles in try machine.readSignedData(ofVCPU: 0, count: periods) { record(nanoseconds(cycles), nil) }
             return CyclicRoundOutcome(cost: cost, spinNanoseconds: nil, waitedNanoseconds: Double(cost.wallNanoseconds))
         }
         let data = try machine.readSignedData(ofVCPU: 0, count: 2 * periods)
         var guestSpin = 0.0
         for index in stride(from: 0, to: data.count, by: 2) {
-            record(nanoseconds(data[index]))
-            // An arrival before the deadline is the time the guest spun (the raw mode does not spin).
-            if mode == .cyclicLongPoll, data[index + 1] < 0 { guestSpin += Double(-data[index + 1]) * nanosecondsPerCycle }
+            if mode == .cyclicLongPoll {
+                record(nanoseconds(data[index]), nil)
+                // An arrival before the deadline is the time the guest spun.
+                if data[index + 1] < 0 { guestSpin += Double(-data[index + 1]) * nanosecondsPerCycle }
+            } else {
+                // The raw mode also reports when the host woke up for it (its result's guest TSC).
+                record(nanoseconds(data[index]), nanoseconds(data[index + 1]))
+            }
         }
         guard let statistics = strategy?.statistics else {
             return CyclicRoundOutcome(cost: cost, spinNanoseconds: nil, waitedNanoseconds: Double(cost.wallNanoseconds))

@@ -240,7 +240,7 @@ struct CyclicTestCommand: ParsableCommand {
                     let outcome = try runners[path]!.runRound(periods: plan.periodsPerRound, waiting: {
                         progress.show(String(format: "round %d/%d  %@ (%d/%d)  %3.0f%%", round + 1, plan.rounds, path.rawValue,
                                              position + 1, paths.count, min(1, Double(monotonicNanoseconds() - roundStart) / expected) * 100))
-                    }, record: { statistics[index].record(latenessNanoseconds: $0) })
+                    }, record: { statistics[index].record(latenessNanoseconds: $0, hostWakeNanoseconds: $1) })
                     let roundEnd = monotonicNanoseconds()
                     if let spin = outcome.spinNanoseconds { statistics[index].spinNanoseconds = (statistics[index].spinNanoseconds ?? 0) + spin }
                     statistics[index].waitedNanoseconds += outcome.waitedNanoseconds
@@ -309,6 +309,12 @@ struct CyclicTestCommand: ParsableCommand {
         }
         lines.append("(cpu: the measuring thread's CPU time over wall time; spin: CPU spun before deadlines over the time waited;")
         lines.append(" steal: CPU \(cpu)'s steal time over wall time; inv.cs: involuntary context switches of the measuring thread)")
+        for result in results {
+            guard let wake50 = result.hostWakeP50Us, let wake99 = result.hostWakeP99Us,
+                  let return50 = result.returnP50Us, let return99 = result.returnP99Us else { continue }
+            lines.append(String(format: "%@ lateness = host wake-up (p50 %.1f, p99 %.1f µs) + return into the guest (p50 %.1f, p99 %.1f µs)",
+                                result.name, wake50, wake99, return50, return99))
+        }
         for result in results where result.earlyWakes > 0 {
             lines.append(String(format: "! %@ woke before its deadline %d times (earliest %.1f µs early): a correctness failure",
                                 result.name, result.earlyWakes, -result.minUs))

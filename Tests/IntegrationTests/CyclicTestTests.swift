@@ -309,12 +309,17 @@ final class CyclicTestPathTests: XCTestCase {
         for round in 0..<2 {
             for runner in runners {
                 var statistics = CyclicPathStatistics(path: runner.path)
-                let outcome = try runner.runRound(periods: periods, waiting: {}, record: { statistics.record(latenessNanoseconds: $0) })
+                let outcome = try runner.runRound(periods: periods, waiting: {}, record: {
+                    statistics.record(latenessNanoseconds: $0, hostWakeNanoseconds: $1)
+                })
                 XCTAssertEqual(statistics.count, periods, "\(runner.path.rawValue), round \(round)")
                 XCTAssertGreaterThan(outcome.cost.wallNanoseconds, 0)
                 XCTAssertGreaterThan(outcome.cost.cpuNanoseconds, 0, "the measuring thread's schedstat was read")
                 let spins = runner.path == .hostCompensated || runner.path == .guestLongPoll
                 XCTAssertEqual(outcome.spinNanoseconds != nil, spins, "\(runner.path.rawValue) spin accounting")
+                statistics.endRound(cost: outcome.cost) { _ in }
+                XCTAssertEqual(statistics.result.returnP99Us != nil, runner.path == .guestLongPollRaw,
+                               "only the raw guest reports the host's wake-up")
             }
         }
     }

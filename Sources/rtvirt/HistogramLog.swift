@@ -112,6 +112,7 @@ enum HistogramEncoding {
     }
 
     static func appendBigEndian<T: FixedWidthInteger>(_ value: T, to bytes: inout [UInt8]) {
+        // Sound: the buffer is a copy of `value` that lives for the closure, which copies it out.
         withUnsafeBytes(of: value.bigEndian) { bytes.append(contentsOf: $0) }
     }
 }

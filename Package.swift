@@ -17,6 +17,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
     ],
     targets: [
         // MARK: C shims and system libraries (internal)
@@ -29,6 +30,12 @@ let package = Package(
             name: "CLibcgroup",
             pkgConfig: "libcgroup",
             providers: [.apt(["libcgroup-dev"])]
+        ),
+        // zlib, for the compressed histograms of `rtvirt cyclictest --histogram-log`.
+        .systemLibrary(
+            name: "CZlib",
+            pkgConfig: "zlib",
+            providers: [.apt(["zlib1g-dev"])]
         ),
         .systemLibrary(
             name: "CLibnuma",
@@ -81,8 +88,9 @@ let package = Package(
             name: "rtvirt",
             dependencies: [
                 "RTVirtCore", "KVMBackend", "VMRPC", "CgroupScheduler", "RTVirtGuestImage",
-                "CLinuxSupport",
+                "CLinuxSupport", "CZlib",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
         ),
 
@@ -99,7 +107,10 @@ let package = Package(
         ),
         .testTarget(name: "CgroupSchedulerTests", dependencies: ["CgroupScheduler"]),
         .testTarget(name: "RTVirtTestingTests", dependencies: ["RTVirtTesting"]),
-        .testTarget(name: "IntegrationTests", dependencies: ["rtvirt", "CgroupScheduler", "KVMBackend", "RTVirtCore"]),
+        .testTarget(name: "IntegrationTests", dependencies: [
+            "rtvirt", "CgroupScheduler", "KVMBackend", "RTVirtCore", "CZlib",
+            .product(name: "Histogram", package: "hdrhistogram-swift"),
+        ]),
     ],
     swiftLanguageModes: [.v6]
 )

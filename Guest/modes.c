@@ -169,12 +169,36 @@ static uint32_t interruptible_sleep(volatile uint8_t *slot, uint64_t cycles) {
     return 0;
 }
 
+/* The bare mechanism: each period timer.sleepUntil(start + (i + 1) * period) in its 8-byte form
+ * (no arrival reported, so the host releases at the deadline and learns nothing) and no spin
+ * after it; data[2i] = TSC at resume - deadline (negative: resumed early), data[2i + 1] = the
+ * guest TSC the host reported at its wake-up (the call's result) - deadline, so that the lateness
+ * splits into the host's wake-up and the return into the guest. Exits 0, or 0x100 + a failed
+ * sleep's status. */
+static uint32_t cyclic_longpoll_raw(volatile uint8_t *slot, uint64_t count, uint64_t period, int64_t *data) {
+    uint64_t capacity = GUEST_DATA_SIZE / 16;
+    if (count > capacity) count = capacity;
+    uint64_t deadline = rdtsc();
+    for (uint64_t i = 0; i < count; i++) {
+        deadline += period;
+        uint64_t host_wake = 0;
+        uint32_t status = rtv_vmrpc_call_port(slot, GUEST_PORT_DOORBELL, RTV_VMRPC_PROC_SLEEP_UNTIL, ++sequence,
+                                              &deadline, 8, &host_wake, sizeof(host_wake));
+        int64_t late = (int64_t)(rdtsc() - deadline);
+        if (status != RTV_VMRPC_OK) return 0x100 + status;
+        data[2 * i] = late;
+        data[2 * i + 1] = (int64_t)(host_wake - deadline);
+    }
+    return 0;
+}
+
 uint32_t guest_c_main(uint64_t mode, uint64_t arg0, uint64_t arg1, uint8_t *slot, uint64_t *data) {
     switch (mode) {
     case GUEST_MODE_RPC_DEMO: return rpc_demo(slot);
     case GUEST_MODE_RPC_BENCH: return rpc_bench(slot, arg0, data);
     case GUEST_MODE_CYCLIC_LONG_POLL: return cyclic_longpoll(slot, arg0, arg1, (int64_t *)data);
     case GUEST_MODE_INTERRUPTIBLE_SLEEP: return interruptible_sleep(slot, arg0);
+    case GUEST_MODE_CYCLIC_LONG_POLL_RAW: return cyclic_longpoll_raw(slot, arg0, arg1, (int64_t *)data);
     default: return GUEST_STATUS_BAD_MODE;
     }
 }

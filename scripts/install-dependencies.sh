@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages RTVirt builds and tests with. Idempotent; needs root (or sudo).
 set -euo pipefail
-packages=(libcgroup-dev libnuma-dev cgroup-tools pkg-config rt-tests iproute2)
+packages=(libcgroup-dev libnuma-dev cgroup-tools pkg-config rt-tests iproute2 zlib1g-dev)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -55,6 +55,14 @@ public struct TextHistogram: Sendable {
         self.counts = counts
     }
 
+    /// Buckets with the given upper bounds and counts already made (for example from an
+    /// HdrHistogram): `counts` has one more entry than `upperBounds`, the open-ended last bucket.
+    public init(upperBounds: [Double], counts: [Int]) {
+        precondition(counts.count == upperBounds.count + 1, "one count per bucket plus the overflow bucket")
+        self.upperBounds = upperBounds
+        self.counts = counts
+    }
+
     /// The rows, labelled with `unit`, bars at most `width` characters.
     public func render(unit: String, width: Int = 40) -> [String] {
         let maximum = counts.max() ?? 0

@@ -63,14 +63,7 @@ public final class BundledGuestMachine: Sendable {
         for (id, configuration) in configurations.enumerated() {
             let vcpu = try vm.makeKVMVCPU(id: id)
             try vcpu.setCPUID(cpuid)
-            try vcpu.setSystemRegisters(X86LongMode.systemRegisters(
-                layout, privilege: configuration.privilege, startingFrom: vcpu.systemRegisters()))
-            try vcpu.setRegisters(X86LongMode.entryRegisters(
-                entry: GuestLayout.imageAddress, stack: GuestLayout.stackPointer(forVCPU: id),
-                privilege: configuration.privilege,
-                arguments: [configuration.mode.rawValue, configuration.arguments.0, configuration.arguments.1,
-                            Self.slotLayout(vcpuCount: configurations.count).address(ofVCPU: id)!.rawValue,
-                            GuestLayout.dataBuffer(forVCPU: id).rawValue]))
+            try Self.enter(vcpu, id: id, vcpuCount: configurations.count, configuration, layout: layout)
             // With the in-kernel LAPIC, KVM holds every vCPU but the first until INIT/SIPI;
             // these vCPUs start directly in long mode.
             if interruptController { try vcpu.setMultiprocessingState(.runnable) }
@@ -82,6 +75,26 @@ public final class BundledGuestMachine: Sendable {
         self.vcpus = vcpus
         self.layout = layout
         self.ports = BundledGuestPorts()
+    }
+
+    /// Sets vCPU `id` up to enter the image afresh in `configuration`'s mode, with its arguments.
+    /// Call it only while the vCPU is stopped (no thread is in `KVM_RUN`), for example to run a
+    /// mode again in the same VM after the guest exited: memory, TSC mapping and the in-kernel
+    /// irqchip stay as they are.
+    public func reenter(vcpu id: Int, _ configuration: BundledGuestVCPU) throws {
+        try Self.enter(vcpus[id], id: id, vcpuCount: vcpus.count, configuration, layout: layout)
+    }
+
+    private static func enter(_ vcpu: KVMVirtualCPU, id: Int, vcpuCount: Int, _ configuration: BundledGuestVCPU,
+                              layout: X86LongModeLayout) throws {
+        try vcpu.setSystemRegisters(X86LongMode.systemRegisters(
+            layout, privilege: configuration.privilege, startingFrom: vcpu.systemRegisters()))
+        try vcpu.setRegisters(X86LongMode.entryRegisters(
+            entry: GuestLayout.imageAddress, stack: GuestLayout.stackPointer(forVCPU: id),
+            privilege: configuration.privilege,
+            arguments: [configuration.mode.rawValue, configuration.arguments.0, configuration.arguments.1,
+                        slotLayout(vcpuCount: vcpuCount).address(ofVCPU: id)!.rawValue,
+                        GuestLayout.dataBuffer(forVCPU: id).rawValue]))
     }
 
     /// Where the bundled guest's VMRPC slots are.

@@ -42,6 +42,12 @@ public enum BundledGuestMode: UInt64, Sendable, CaseIterable {
     /// needs the in-kernel irqchip). The handler of `GuestLayout.injectedVector` reports
     /// `GuestLayout.injectedMark`; then the call's status and the number of interrupts taken.
     case interruptibleSleep = 20
+    /// `cyclicLongPoll` without any compensation: the 8-byte `timer.sleepUntil` (no arrival
+    /// reported, so no early release) and no guest-side spin; the bare mechanism. Per period the
+    /// lateness (negative: the guest resumed early) and the host's wake-up (the guest TSC in the
+    /// call's `VMRPCWakeUp` result − deadline), interleaved: their difference is the return
+    /// from the host into the guest.
+    case cyclicLongPollRaw = 11
 
     /// The LCG multiplier and increment the `compute` mode uses.
     public static let lcgMultiplier: UInt64 = 6_364_136_223_846_793_005

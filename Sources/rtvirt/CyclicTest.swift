@@ -5,73 +5,21 @@ import RTVirtGuestImage
 import Synchronization
 import VMRPC
 
-/// One measured path of `rtvirt cyclictest`.
-struct CyclicPathResult: Codable {
-    var name: String
-    var samples: Int
-    var minUs: Double
-    var avgUs: Double
-    var p50Us: Double
-    var p99Us: Double
-    var p999Us: Double
-    var maxUs: Double
-    var spinCpuFraction: Double?
-    /// Lateness of every wake-up, microseconds (not in the JSON: large).
-    var latenciesUs: [Double] = []
-
-    enum CodingKeys: String, CodingKey { case name, samples, minUs, avgUs, p50Us, p99Us, p999Us, maxUs, spinCpuFraction }
-
-    init(name: String, latenciesUs: [Double], spinCpuFraction: Double? = nil) {
-        let summary = LatencySummary(latenciesUs)
-        self.name = name
-        samples = summary.count
-        minUs = summary.minimum; avgUs = summary.average; p50Us = summary.p50
-        p99Us = summary.p99; p999Us = summary.p999; maxUs = summary.maximum
-        self.spinCpuFraction = spinCpuFraction
-        self.latenciesUs = latenciesUs
-    }
-}
-
-/// The settings shared by the three paths.
-struct CyclicSettings {
+/// The settings every path of `rtvirt cyclictest` shares.
+struct CyclicSettings: Sendable {
     var intervalMicroseconds: Int
-    var periods: Int
     var policy: RealtimePolicy
-    var progress: @Sendable (String, Double) -> Void
+    /// The CPU the measuring threads are pinned to (its steal time is what is reported).
+    var measuringCPU: Int
 }
 
-/// The host's own limit: `clock_nanosleep(TIMER_ABSTIME)` on a thread with the same policy.
-enum HostNativeCyclic {
-    static func run(_ settings: CyclicSettings) throws -> CyclicPathResult {
-        let latencies = Mutex<[Double]>([])
-        let failure = Mutex<String?>(nil)
-        let interval = UInt64(settings.intervalMicroseconds) * 1000
-        let periods = settings.periods
-        let progress = settings.progress
-        let policy = settings.policy
-        let thread = try HostThread(name: "host-cyclic") {
-            let saved: SavedThreadScheduling
-            do { saved = try RealtimeThreadPolicy.apply(policy) } catch {
-                failure.withLock { $0 = "\(error)" }
-                return
-            }
-            defer { RealtimeThreadPolicy.restore(saved) }
-            var samples = [Double](repeating: 0, count: periods)
-            var next = monotonicNanoseconds()
-            for index in 0..<periods {
-                next += interval
-                var target = timespec(tv_sec: Int(next / 1_000_000_000), tv_nsec: Int(next % 1_000_000_000))
-                while clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &target, nil) == EINTR {}
-                let now = monotonicNanoseconds()
-                samples[index] = Double(Int64(bitPattern: now &- next)) / 1000
-                if index % 500 == 0 { progress("host", Double(index) / Double(periods)) }
-            }
-            latencies.withLock { $0 = samples }
-        }
-        thread.join()
-        if let failure = failure.withLock({ $0 }) { throw CyclicTestError.policy(failure) }
-        return CyclicPathResult(name: "host", latenciesUs: latencies.withLock { $0 })
-    }
+/// What one round of one path cost, besides its samples.
+struct CyclicRoundOutcome {
+    var cost: ThreadCost
+    /// CPU time spent spinning before deadlines (nil: the path does not spin).
+    var spinNanoseconds: Double?
+    /// Wall time spent waiting for deadlines.
+    var waitedNanoseconds: Double
 }
 
 enum CyclicTestError: Error, CustomStringConvertible {
@@ -86,52 +34,218 @@ enum CyclicTestError: Error, CustomStringConvertible {
     }
 }
 
-/// A bundled guest in one of the cyclic modes on a real-time vCPU thread.
-enum GuestCyclic {
-    static func run(_ settings: CyclicSettings, mode: BundledGuestMode, system: KVMSystem) throws -> CyclicPathResult {
-        let name = mode == .cyclicLongPoll ? "guest-longpoll" : "guest-interrupt"
-        let interruptController = mode == .cyclicInterrupt
-        // The period in guest TSC cycles needs the TSC rate, which the machine measures.
-        var machine = try BundledGuestMachine(system: system, vcpus: [BundledGuestVCPU(mode: mode)],
-                                              interruptController: interruptController)
-        let period = machine.tscMappings[0].frequencyHz * UInt64(settings.intervalMicroseconds) / 1_000_000
-        machine = try BundledGuestMachine(system: system, vcpus: [BundledGuestVCPU(mode: mode, arguments: (UInt64(settings.periods), period))],
-                                          interruptController: interruptController)
-        let strategy = DeadlineTimerStrategy()
-        let dispatcher = try LongPollDispatcher(vcpuCount: 1, timerStrategy: strategy)
-        let server = try machine.makeVMRPCServer(dispatcher: dispatcher)
-        defer { server.shutdown() }
-        let scheduler = RealtimeVCPUScheduler(policies: [0: settings.policy])
-        let start = monotonicNanoseconds()
-        let runner = try VirtualMachineRunner(vcpus: machine.vcpus, bus: machine.makeBus(server: server), dispatcher: dispatcher,
-                                              onThreadStart: scheduler.threadStarted, onThreadEnd: scheduler.threadEnded)
-        let expected = Double(settings.periods * settings.intervalMicroseconds) * 1000
-        var reasons = runner.waitForAll(timeoutNanoseconds: 1)
-        while reasons.contains(where: { $0 == nil }) {
-            settings.progress(name, min(1, Double(monotonicNanoseconds() - start) / expected))
-            reasons = runner.waitForAll(timeoutNanoseconds: 200_000_000)
-            if Double(monotonicNanoseconds() - start) > expected * 3 + 10e9 { runner.stop() }
+/// One path, measured a round at a time on its own real-time thread (a host thread, or the
+/// vCPU thread of a VM that lives as long as the runner).
+protocol CyclicPathRunner: AnyObject {
+    var path: CyclicPath { get }
+    /// Runs `periods` periods. `waiting` is called on the calling thread about every 200 ms
+    /// while the round runs; `record` gets each wake-up's lateness (ns) after the round, and,
+    /// where the path knows it, when the host woke up for it (ns after the deadline).
+    func runRound(periods: Int, waiting: () -> Void, record: (_ lateness: Int64, _ hostWake: Int64?) -> Void) throws -> CyclicRoundOutcome
+}
+
+/// Applies the measuring policy on the thread it runs on and samples the thread's cost at the
+/// start and end of a round. Used by the host threads and as the vCPU thread hooks.
+final class MeasuringThreadHooks: Sendable {
+    private struct State {
+        var saved: SavedThreadScheduling?
+        var failure: String?
+        var start: ThreadCostSample?
+        var cost: ThreadCost?
+    }
+    private let settings: CyclicSettings
+    private let state = Mutex(State())
+
+    init(_ settings: CyclicSettings) { self.settings = settings }
+
+    /// On the measuring thread, first: the policy, then the first sample. False when the
+    /// policy could not be applied (the thread then must not measure).
+    @discardableResult
+    func started() -> Bool {
+        do {
+            let saved = try RealtimeThreadPolicy.apply(settings.policy)
+            let start = ThreadCostSample.now(stealOfCPU: settings.measuringCPU)
+            state.withLock { $0.saved = saved; $0.start = start }
+            return true
+        } catch {
+            state.withLock { $0.failure = "\(error)" }
+            return false
         }
-        if case .failed(let message) = scheduler.status(vcpu: 0) { throw CyclicTestError.policy(message) }
-        guard reasons == [.guestRequested(status: 0)] else { throw CyclicTestError.guest(name, reasons) }
-        let microsecondsPerCycle = 1e6 / Double(machine.tscMappings[0].frequencyHz)
-        guard mode == .cyclicLongPoll else {
-            let latencies = try machine.readSignedData(ofVCPU: 0, count: settings.periods).map { Double($0) * microsecondsPerCycle }
-            return CyclicPathResult(name: name, latenciesUs: latencies)
+    }
+
+    /// On the measuring thread, last: the second sample, then the thread's old policy.
+    func ended() {
+        let end = ThreadCostSample.now(stealOfCPU: settings.measuringCPU)
+        let saved = state.withLock { state -> SavedThreadScheduling? in
+            if let start = state.start { state.cost = ThreadCost(from: start, to: end) }
+            defer { state.saved = nil }
+            return state.saved
         }
-        let data = try machine.readSignedData(ofVCPU: 0, count: 2 * settings.periods)
-        let latencies = stride(from: 0, to: data.count, by: 2).map { Double(data[$0]) * microsecondsPerCycle }
-        // CPU spent spinning before deadlines: the host's (before releasing the vCPU) plus the
-        // guest's (after an early release), as a share of the time waited.
-        let guestSpinNanoseconds = stride(from: 1, to: data.count, by: 2).reduce(0.0) { $0 + Double(max(0, -data[$1])) * microsecondsPerCycle * 1000 }
-        let statistics = strategy.statistics
-        let waited = max(Double(statistics.waitNanoseconds), Double(settings.periods * settings.intervalMicroseconds) * 1000)
-        return CyclicPathResult(name: name, latenciesUs: latencies,
-                                spinCpuFraction: (Double(statistics.spinNanoseconds) + guestSpinNanoseconds) / waited)
+        if let saved { RealtimeThreadPolicy.restore(saved) }
+    }
+
+    /// The round's cost, or the policy failure.
+    func outcome() throws -> ThreadCost {
+        let (failure, cost) = state.withLock { ($0.failure, $0.cost) }
+        if let failure { throw CyclicTestError.policy(failure) }
+        return cost ?? ThreadCost()
     }
 }
 
-/// Threads that keep the other CPUs busy while a path is measured (`--load`).
+/// `host` (`clock_nanosleep(TIMER_ABSTIME)`) and `host-compensated` (the long-poll
+/// dispatcher's deadline wait with a `DeadlineTimerStrategy`, exactly as a parked vCPU waits)
+/// on a host thread with the measuring policy.
+final class HostCyclicRunner: CyclicPathRunner {
+    let path: CyclicPath
+    private let settings: CyclicSettings
+    /// The compensated path's dispatcher and strategy; they live across rounds, so the learned
+    /// margin does too (as for the guest).
+    private let dispatcher: LongPollDispatcher?
+    private let strategy: DeadlineTimerStrategy?
+    /// Written by the measuring thread only while the round runs; read after it was joined.
+    private let buffer: SampleBuffer
+
+    init(path: CyclicPath, settings: CyclicSettings, maximumPeriods: Int) throws {
+        precondition(path == .host || path == .hostCompensated)
+        self.path = path
+        self.settings = settings
+        if path == .hostCompensated {
+            let strategy = DeadlineTimerStrategy()
+            self.strategy = strategy
+            dispatcher = try LongPollDispatcher(vcpuCount: 1, timerStrategy: strategy)
+        } else {
+            strategy = nil
+            dispatcher = nil
+        }
+        // Allocated and touched now, so the round does not page-fault on it.
+        buffer = SampleBuffer(count: maximumPeriods)
+    }
+
+    func runRound(periods: Int, waiting: () -> Void, record: (Int64, Int64?) -> Void) throws -> CyclicRoundOutcome {
+        let hooks = MeasuringThreadHooks(settings)
+        let interval = UInt64(settings.intervalMicroseconds) * 1000
+        let dispatcher = self.dispatcher
+        strategy?.resetStatistics()
+        let thread = try HostThread(name: path == .host ? "host-cyclic" : "host-comp") { [buffer] in
+            guard hooks.started() else { return }
+            defer { hooks.ended() }
+            buffer.samples.withLock { samples in
+                var next = monotonicNanoseconds()
+                for index in 0..<min(periods, samples.count) {
+                    next += interval
+                    if let dispatcher {
+                        _ = dispatcher.wait(vcpu: 0, for: LongPollRequest(deadline: next))
+                    } else {
+                        var target = timespec(tv_sec: Int(next / 1_000_000_000), tv_nsec: Int(next % 1_000_000_000))
+                        while clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &target, nil) == EINTR {}
+                    }
+                    samples[index] = Int64(bitPattern: monotonicNanoseconds() &- next)
+                }
+            }
+        }
+        while !thread.waitForFinish(timeoutNanoseconds: 200_000_000) { waiting() }
+        thread.join()
+        let cost = try hooks.outcome()
+        buffer.samples.withLock { samples in for index in 0..<min(periods, samples.count) { record(samples[index], nil) } }
+        let statistics = strategy?.statistics
+        return CyclicRoundOutcome(cost: cost, spinNanoseconds: statistics.map { Double($0.spinNanoseconds) },
+                                  waitedNanoseconds: statistics.map { Double($0.waitNanoseconds) } ?? Double(cost.wallNanoseconds))
+    }
+}
+
+/// The lateness samples of one host round, allocated once.
+final class SampleBuffer: Sendable {
+    let samples: Mutex<[Int64]>
+    init(count: Int) { samples = Mutex([Int64](repeating: 0, count: count)) }
+}
+
+/// A bundled guest in a cyclic mode on a real-time vCPU thread: `guest-longpoll` (16-byte
+/// `timer.sleepUntil`, dispatcher with a `DeadlineTimerStrategy`), `guest-longpoll-raw`
+/// (8-byte form, a dispatcher without strategy, no guest spin) or `guest-interrupt` (LAPIC
+/// TSC-deadline timer). One VM per path lives across rounds; each round re-enters the guest.
+final class GuestCyclicRunner: CyclicPathRunner {
+    let path: CyclicPath
+    private let settings: CyclicSettings
+    private let mode: BundledGuestMode
+    private let machine: BundledGuestMachine
+    private let dispatcher: LongPollDispatcher
+    private let strategy: DeadlineTimerStrategy?
+    private let server: VMRPCServer?
+    private let bus: IOBus
+    private let periodCycles: UInt64
+
+    init(path: CyclicPath, settings: CyclicSettings, system: KVMSystem) throws {
+        self.path = path
+        self.settings = settings
+        switch path {
+        case .guestLongPoll: mode = .cyclicLongPoll
+        case .guestLongPollRaw: mode = .cyclicLongPollRaw
+        case .guestInterrupt: mode = .cyclicInterrupt
+        case .host, .hostCompensated: preconditionFailure("not a guest path")
+        }
+        machine = try BundledGuestMachine(system: system, vcpus: [BundledGuestVCPU(mode: mode)],
+                                          interruptController: mode == .cyclicInterrupt)
+        periodCycles = machine.tscMappings[0].frequencyHz * UInt64(settings.intervalMicroseconds) / 1_000_000
+        strategy = path == .guestLongPoll ? DeadlineTimerStrategy() : nil
+        dispatcher = try LongPollDispatcher(vcpuCount: 1, timerStrategy: strategy)
+        if mode == .cyclicInterrupt {
+            server = nil
+            bus = try machine.makeBus()
+        } else {
+            let server = try machine.makeVMRPCServer(dispatcher: dispatcher)
+            self.server = server
+            bus = try machine.makeBus(server: server)
+        }
+    }
+
+    deinit { server?.shutdown() }
+
+    func runRound(periods: Int, waiting: () -> Void, record: (Int64, Int64?) -> Void) throws -> CyclicRoundOutcome {
+        try machine.reenter(vcpu: 0, BundledGuestVCPU(mode: mode, arguments: (UInt64(periods), periodCycles)))
+        // The previous round's runner stopped the vCPU on release: clear its kick and cancellation.
+        machine.vcpus[0].acknowledgeKick()
+        dispatcher.resume(vcpu: 0)
+        strategy?.resetStatistics()
+        let hooks = MeasuringThreadHooks(settings)
+        let start = monotonicNanoseconds()
+        let expected = Double(periods * settings.intervalMicroseconds) * 1000
+        let runner = try VirtualMachineRunner(vcpus: machine.vcpus, bus: bus, dispatcher: dispatcher,
+                                              onThreadStart: { _ in hooks.started() }, onThreadEnd: { _ in hooks.ended() })
+        var reasons = runner.waitForAll(timeoutNanoseconds: 200_000_000)
+        while reasons.contains(where: { $0 == nil }) {
+            waiting()
+            if Double(monotonicNanoseconds() - start) > expected * 3 + 10e9 { runner.stop() }
+            reasons = runner.waitForAll(timeoutNanoseconds: 200_000_000)
+        }
+        let cost = try hooks.outcome()
+        guard reasons == [.guestRequested(status: 0)] else { throw CyclicTestError.guest(path.rawValue, reasons) }
+        let nanosecondsPerCycle = 1e9 / Double(machine.tscMappings[0].frequencyHz)
+        func nanoseconds(_ cycles: Int64) -> Int64 { Int64((Double(cycles) * nanosecondsPerCycle).rounded()) }
+        if mode == .cyclicInterrupt {
+            for cycles in try machine.readSignedData(ofVCPU: 0, count: periods) { record(nanoseconds(cycles), nil) }
+            return CyclicRoundOutcome(cost: cost, spinNanoseconds: nil, waitedNanoseconds: Double(cost.wallNanoseconds))
+        }
+        let data = try machine.readSignedData(ofVCPU: 0, count: 2 * periods)
+        var guestSpin = 0.0
+        for index in stride(from: 0, to: data.count, by: 2) {
+            if mode == .cyclicLongPoll {
+                record(nanoseconds(data[index]), nil)
+                // An arrival before the deadline is the time the guest spun.
+                if data[index + 1] < 0 { guestSpin += Double(-data[index + 1]) * nanosecondsPerCycle }
+            } else {
+                // The raw mode also reports when the host woke up for it (its result's guest TSC).
+                record(nanoseconds(data[index]), nanoseconds(data[index + 1]))
+            }
+        }
+        guard let statistics = strategy?.statistics else {
+            return CyclicRoundOutcome(cost: cost, spinNanoseconds: nil, waitedNanoseconds: Double(cost.wallNanoseconds))
+        }
+        return CyclicRoundOutcome(cost: cost, spinNanoseconds: Double(statistics.spinNanoseconds) + guestSpin,
+                                  waitedNanoseconds: max(Double(statistics.waitNanoseconds), expected))
+    }
+}
+
+/// Threads that keep the other CPUs busy while the paths are measured (`--load`).
 final class CPULoad {
     private final class Flag: Sendable { let stop = Atomic<Bool>(false) }
     private let flag = Flag()

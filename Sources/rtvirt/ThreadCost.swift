@@ -1,0 +1,74 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import RTVirtCore
+
+/// What the calling thread and its CPU had used at one moment: wall time, the thread's CPU
+/// time (`/proc/thread-self/schedstat`), its involuntary context switches
+/// (`getrusage(RUSAGE_THREAD)`) and the steal time of one CPU (`/proc/stat`).
+struct ThreadCostSample: Sendable {
+    var wallNanoseconds: UInt64
+    var cpuNanoseconds: UInt64
+    var involuntarySwitches: Int
+    var stealNanoseconds: UInt64
+
+    /// Samples the calling thread now; `cpu` is the CPU whose steal time is read.
+    static func now(stealOfCPU cpu: Int, files: HostFiles = HostFiles()) -> ThreadCostSample {
+        var usage = rusage()
+        // RUSAGE_THREAD (1) is Linux's "the calling thread"; Glibc's enum is not imported by name.
+        _ = getrusage(__rusage_who_t(1), &usage)
+        let cpuTime = files.read("/proc/thread-self/schedstat").flatMap(parseSchedstatRuntime) ?? 0
+        let steal = files.read("/proc/stat").flatMap { parseStealTicks($0, cpu: cpu) } ?? 0
+        let ticksPerSecond = UInt64(max(1, sysconf(Int32(_SC_CLK_TCK))))
+        return ThreadCostSample(wallNanoseconds: monotonicNanoseconds(), cpuNanoseconds: cpuTime,
+                                involuntarySwitches: usage.ru_nivcsw, stealNanoseconds: steal * 1_000_000_000 / ticksPerSecond)
+    }
+
+    /// The first field of a `schedstat` file: nanoseconds spent on a CPU.
+    static func parseSchedstatRuntime(_ text: String) -> UInt64? {
+        text.split(separator: " ").first.flatMap { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+    }
+
+    /// The steal column (the 8th number) of the `cpuN` line of `/proc/stat`, in clock ticks.
+    static func parseStealTicks(_ text: String, cpu: Int) -> UInt64? {
+        let label = "cpu\(cpu)"
+        for line in text.split(separator: "\n") {
+            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard fields.first.map(String.init) == label, fields.count > 8 else { continue }
+            return UInt64(fields[8])
+        }
+        return nil
+    }
+}
+
+/// What a thread used between two samples, added up over rounds.
+struct ThreadCost: Sendable, Equatable {
+    var wallNanoseconds: UInt64 = 0
+    var cpuNanoseconds: UInt64 = 0
+    var involuntarySwitches: Int = 0
+    var stealNanoseconds: UInt64 = 0
+
+    /// The difference `end - start` (counters that went backwards count as 0).
+    init(from start: ThreadCostSample, to end: ThreadCostSample) {
+        wallNanoseconds = end.wallNanoseconds &- start.wallNanoseconds
+        cpuNanoseconds = end.cpuNanoseconds >= start.cpuNanoseconds ? end.cpuNanoseconds - start.cpuNanoseconds : 0
+        involuntarySwitches = max(0, end.involuntarySwitches - start.involuntarySwitches)
+        stealNanoseconds = end.stealNanoseconds >= start.stealNanoseconds ? end.stealNanoseconds - start.stealNanoseconds : 0
+    }
+
+    /// Nothing used.
+    init() {}
+
+    /// The thread's CPU time over wall time.
+    var cpuFraction: Double { wallNanoseconds == 0 ? 0 : Double(cpuNanoseconds) / Double(wallNanoseconds) }
+    /// The CPU's steal time over wall time.
+    var stealFraction: Double { wallNanoseconds == 0 ? 0 : Double(stealNanoseconds) / Double(wallNanoseconds) }
+
+    static func += (total: inout ThreadCost, round: ThreadCost) {
+        total.wallNanoseconds += round.wallNanoseconds
+        total.cpuNanoseconds += round.cpuNanoseconds
+        total.involuntarySwitches += round.involuntarySwitches
+        total.stealNanoseconds += round.stealNanoseconds
+    }
+}

@@ -107,12 +107,14 @@ public final class BundledGuestMachine: Sendable {
     /// Measured once before any vCPU runs: a vCPU ioctl waits while that vCPU is in `KVM_RUN`.
     public let tscMappings: [GuestTSCMapping]
 
-    /// A VMRPC server for this guest's slots with the standard procedures (and `extra`).
+    /// A VMRPC server for this guest's slots with the standard procedures (and `extra`);
+    /// `earlyReleasePercentile` goes to `timer.sleepUntil`.
     public func makeVMRPCServer(dispatcher: LongPollDispatcher, extra: [VMRPCProcedure] = [],
-                                limits: VMRPCLimits = VMRPCLimits()) throws -> VMRPCServer {
+                                limits: VMRPCLimits = VMRPCLimits(), earlyReleasePercentile: Double = 0.9) throws -> VMRPCServer {
         let clock = HostGuestClockSource(mappings: tscMappings)
         return try VMRPCServer(memory: vm.guestMemory, slots: Self.slotLayout(vcpuCount: vcpus.count), dispatcher: dispatcher,
-                               procedures: VMRPCStandardProcedures.all(clock: clock) + extra, limits: limits)
+                               procedures: VMRPCStandardProcedures.all(clock: clock, earlyReleasePercentile: earlyReleasePercentile) + extra,
+                               limits: limits)
     }
 
     /// A bus with the guest's ports, the VMRPC doorbell (port and MMIO) and a bare-exit port

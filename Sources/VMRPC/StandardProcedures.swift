@@ -45,9 +45,13 @@ public enum VMRPCStandardProcedures {
     /// In the 16-byte form the guest reports its previous arrival and spins to its deadline
     /// itself; the host then releases the vCPU early by the return latency it learns for each of
     /// the first `compensatedVCPUs` vCPUs (`ReturnLatencyEstimator`), so the guest arrives at
-    /// its deadline instead of one return trip after it.
-    public static func timerSleepUntil(_ source: any GuestClockSource, compensatedVCPUs: Int = 64) -> VMRPCProcedure {
-        let estimators = (0..<compensatedVCPUs).map { _ in ReturnLatencyEstimator() }
+    /// its deadline instead of one return trip after it. `earlyReleasePercentile` is the
+    /// percentile of the recent return latencies released early by (0 ... 1, clamped): higher
+    /// values make late arrivals rarer and cost more guest-side spinning.
+    public static func timerSleepUntil(_ source: any GuestClockSource, compensatedVCPUs: Int = 64,
+                                       earlyReleasePercentile: Double = 0.9) -> VMRPCProcedure {
+        let percentile = earlyReleasePercentile.isFinite ? min(max(earlyReleasePercentile, 0), 1) : 0.9
+        let estimators = (0..<max(compensatedVCPUs, 0)).map { _ in ReturnLatencyEstimator(percentile: percentile) }
         return .typed(id: VMRPCProcedureID.timerSleepUntil, name: "timer.sleepUntil", argumentLength: 8...16,
                       arguments: VMRPCSleepUntil.self) { context, sleep in
             guard let mapping = source.mapping(forVCPU: context.vcpuID) else { return .failed(.internalError) }
@@ -73,9 +77,9 @@ public enum VMRPCStandardProcedures {
         }
     }
 
-    /// `null`, `clock.read` and `timer.sleepUntil`.
-    public static func all(clock source: any GuestClockSource) -> [VMRPCProcedure] {
-        [null(), clockRead(source), timerSleepUntil(source)]
+    /// `null`, `clock.read` and `timer.sleepUntil` (with `earlyReleasePercentile`).
+    public static func all(clock source: any GuestClockSource, earlyReleasePercentile: Double = 0.9) -> [VMRPCProcedure] {
+        [null(), clockRead(source), timerSleepUntil(source, earlyReleasePercentile: earlyReleasePercentile)]
     }
 }
 
@@ -98,7 +102,7 @@ public final class ReturnLatencyEstimator: Sendable {
     public let maximumNanoseconds: Double
 
     /// An estimator.
-    public init(window: Int = 64, percentile: Double = 0.2, maximumNanoseconds: Double = 100_000) {
+    public init(window: Int = 64, percentile: Double = 0.9, maximumNanoseconds: Double = 100_000) {
         self.window = max(window, 1)
         self.percentile = percentile
         self.maximumNanoseconds = maximumNanoseconds

@@ -11,6 +11,8 @@ struct CyclicSettings: Sendable {
     var policy: RealtimePolicy
     /// The CPU the measuring threads are pinned to (its steal time is what is reported).
     var measuringCPU: Int
+    /// The percentile of learned return latencies `guest-longpoll` releases its vCPU early by.
+    var earlyReleasePercentile: Double = 0.9
 }
 
 /// What one round of one path cost, besides its samples.
@@ -192,7 +194,8 @@ final class GuestCyclicRunner: CyclicPathRunner {
             server = nil
             bus = try machine.makeBus()
         } else {
-            let server = try machine.makeVMRPCServer(dispatcher: dispatcher)
+            let server = try machine.makeVMRPCServer(dispatcher: dispatcher,
+                                                     earlyReleasePercentile: settings.earlyReleasePercentile)
             self.server = server
             bus = try machine.makeBus(server: server)
         }

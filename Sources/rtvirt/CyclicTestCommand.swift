@@ -22,6 +22,8 @@ struct CyclicTestReport: Codable {
     var lapicTimerAdvance: String?
     /// `/sys/module/kvm/parameters/halt_poll_ns` (how long KVM polls before it sleeps a halted vCPU).
     var haltPollNs: String?
+    /// The percentile of learned return latencies `guest-longpoll` released its vCPU early by.
+    var releasePercentile: Double
     var paths: [CyclicPathResult]
     /// The per-round comparisons (median over rounds of the per-round values, with their range).
     var ratios: [CyclicRatio]
@@ -141,6 +143,9 @@ struct CyclicTestCommand: ParsableCommand {
     @Option(help: "Write every round of every path to this file in HdrHistogram's interval log format (values in ns, tagged by path).")
     var histogramLog: String?
 
+    @Option(help: "guest-longpoll: release the vCPU early by this percentile (0...1) of the learned host-to-guest return latency; the guest spins the rest.")
+    var releasePercentile: Double = 0.9
+
     @Flag(help: "Print one JSON object instead of the table.")
     var json = false
 
@@ -168,6 +173,7 @@ struct CyclicTestCommand: ParsableCommand {
         guard (0...99).contains(priority) else { throw ValidationError("--priority must be 0...99") }
         if let count { guard count >= 10 else { throw ValidationError("--count must be at least 10") } }
         guard rounds >= 1 else { throw ValidationError("--rounds must be at least 1") }
+        guard (0...1).contains(releasePercentile) else { throw ValidationError("--release-percentile must be 0...1") }
         guard plan(pathCount: try selectedPaths.count) != nil else {
             throw ValidationError("--count/--duration give fewer than 10 periods per path per round; lower --rounds or measure longer")
         }
@@ -183,7 +189,8 @@ struct CyclicTestCommand: ParsableCommand {
         guard online.contains(measuringCPU) else { throw ValidationError("CPU \(measuringCPU) is not available (online: \(online))") }
         let policy = RealtimePolicy(schedulingClass: priority == 0 ? .other() : .fifo(priority: priority),
                                     cpus: CPUSet([measuringCPU]), timerSlackNanoseconds: 1, lockMemory: true)
-        let settings = CyclicSettings(intervalMicroseconds: interval, policy: policy, measuringCPU: measuringCPU)
+        let settings = CyclicSettings(intervalMicroseconds: interval, policy: policy, measuringCPU: measuringCPU,
+                                      earlyReleasePercentile: releasePercentile)
         let lapicAdvance = files.readLine("/sys/module/kvm/parameters/lapic_timer_advance")
             ?? files.readLine("/sys/module/kvm/parameters/lapic_timer_advance_ns")
         let haltPoll = files.readLine("/sys/module/kvm/parameters/halt_poll_ns")
@@ -267,7 +274,8 @@ struct CyclicTestCommand: ParsableCommand {
         let report = CyclicTestReport(kvmModule: module.rawValue, nested: module == .pvm, intervalUs: interval,
                                       policy: policy.schedulingClass.description, cpu: measuringCPU, load: load,
                                       cpuDMALatencyHeld: latencyRequest != nil, rounds: plan.rounds, periodsPerRound: plan.periodsPerRound,
-                                      lapicTimerAdvance: lapicAdvance, haltPollNs: haltPoll, paths: results, ratios: ratios)
+                                      lapicTimerAdvance: lapicAdvance, haltPollNs: haltPoll,
+                                      releasePercentile: releasePercentile, paths: results, ratios: ratios)
         if json {
             try printJSON(report)
         } else {

@@ -40,7 +40,7 @@ struct CheckCommand: ParsableCommand {
         func section(_ title: String) { lines.append(""); lines.append(title) }
         func item(_ ok: Bool?, _ name: String, _ value: String) {
             let mark = ok.map { $0 ? "ok  " : "warn" } ?? "    "
-            lines.append("  [\(mark)] \(name.padding(toLength: 26, withPad: " ", startingAt: 0)) \(value)")
+            lines.append("  [\(mark)] \(name.count < 26 ? name.padding(toLength: 26, withPad: " ", startingAt: 0) : name) \(value)")
         }
         let kvm = report.kvm, rt = report.realtime, cg = report.cgroups
         lines.append("RTVirt host check")

@@ -97,9 +97,9 @@ let package = Package(
             dependencies: ["VMRPC", "RTVirtTesting", "CVMRPCGuest", "VMRPCFuzzHarness"],
             exclude: ["FuzzCorpus"]
         ),
-        .testTarget(name: "CgroupSchedulerTests", dependencies: ["CgroupScheduler"]),
+        .testTarget(name: "CgroupSchedulerTests", dependencies: ["CgroupScheduler", "RTVirtTesting"]),
         .testTarget(name: "RTVirtTestingTests", dependencies: ["RTVirtTesting"]),
-        .testTarget(name: "IntegrationTests", dependencies: ["rtvirt", "CgroupScheduler", "KVMBackend", "RTVirtCore"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["rtvirt", "CgroupScheduler", "KVMBackend", "RTVirtCore", "RTVirtTesting"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,16 +1,29 @@
 import CgroupScheduler
 import Foundation
 import RTVirtCore
+import RTVirtTesting
 import XCTest
+
+/// A skip for a host feature that is absent (a failure under `RTVIRT_REQUIRE_REAL=1`).
+func unavailable(_ message: String) -> any Error {
+    RealHostRequirement.isRequired ? RealHostRequirement.Missing(message) : XCTSkip(message)
+}
 
 /// Skips unless this host has cgroup v1 cpuset and cpu with RT group scheduling, and we are root.
 func realHierarchyOrSkip() throws -> CgroupHierarchy {
     let hierarchy = CgroupHierarchy.detect()
-    guard geteuid() == 0 else { throw XCTSkip("real-cgroup test skipped: needs root to create cgroups") }
+    guard geteuid() == 0 else { throw unavailable("real-cgroup test skipped: needs root to create cgroups") }
     guard hierarchy.v1Mount(for: "cpuset") != nil, hierarchy.v1Mount(for: "cpu") != nil, hierarchy.rtGroupScheduling else {
-        throw XCTSkip("real-cgroup test skipped: cgroup v1 cpuset + cpu with cpu.rt_runtime_us is not available here (layout \(hierarchy.layout))")
+        throw unavailable("real-cgroup test skipped: cgroup v1 cpuset + cpu with cpu.rt_runtime_us is not available here (layout \(hierarchy.layout))")
     }
     return hierarchy
+}
+
+/// The online CPUs, or a skip when there is only one (a partition needs a second for housekeeping).
+func twoCPUsOrSkip() throws -> CPUSet {
+    let online = try ThreadScheduling.affinity()
+    guard online.cpus.count >= 2 else { throw unavailable("real-cgroup test skipped: a second CPU is not available") }
+    return online
 }
 
 final class PartitionPlanTests: XCTestCase {
@@ -110,8 +123,7 @@ final class RealCgroupPartitionTests: XCTestCase {
     func testPartitionOnTheRealHierarchyPlacesThreadsAndCleansUp() throws {
         let hierarchy = try realHierarchyOrSkip()
         let backend = try LibcgroupBackend(hierarchy: hierarchy)
-        let online = try ThreadScheduling.affinity()
-        guard online.cpus.count >= 2 else { throw XCTSkip("real-cgroup test skipped: a second CPU is not available") }
+        let online = try twoCPUsOrSkip()
         let plan = PartitionPlan(name: "unittest", realtimeCPUs: [online.cpus.last!], housekeepingCPUs: [online.cpus.first!],
                                  budget: RTBudget(parsing: "50ms/100ms")!)
         let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)

@@ -64,6 +64,9 @@ public struct SavedThreadScheduling: Equatable, Sendable {
 /// Applies a `RealtimePolicy` to the calling thread, in the order that keeps each step in
 /// force: join the partition (a cgroup move can reset affinity), set affinity, then the
 /// scheduling class; timer slack and memory locking last. Restores what it saved.
+///
+/// The class is set with `SCHED_RESET_ON_FORK`: threads and kernel workers created from the
+/// thread later start as SCHED_OTHER instead of inheriting it.
 public enum RealtimeThreadPolicy {
     /// Applies `policy` to the calling thread. On failure, undoes what it did and throws.
     public static func apply(_ policy: RealtimePolicy, partition: (any CPUPartitionAssigner)? = nil) throws -> SavedThreadScheduling {
@@ -74,7 +77,8 @@ public enum RealtimeThreadPolicy {
                 saved.joinedPartition = true
             }
             if let cpus = policy.cpus { try ThreadScheduling.setAffinity(cpus) }
-            try ThreadScheduling.setSchedulingClass(policy.schedulingClass)
+            // Reset on fork: nothing created from a vCPU thread inherits its real-time class.
+            try ThreadScheduling.setSchedulingClass(policy.schedulingClass, resetOnFork: true)
             if let slack = policy.timerSlackNanoseconds { try ThreadScheduling.setTimerSlack(max(slack, 1)) }
             if policy.lockMemory { try ThreadScheduling.lockAllMemory() }
         } catch {

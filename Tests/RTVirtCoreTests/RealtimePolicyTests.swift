@@ -56,6 +56,30 @@ final class RealtimePolicyTests: XCTestCase {
         thread.join()
     }
 
+    /// A thread created from a real-time vCPU thread (or a kernel worker, such as KVM's
+    /// kvm-nx-lpage-recovery) must not inherit its real-time class.
+    func testThreadsCreatedFromARealtimeThreadStartAsSchedOther() throws {
+        try requireRealtimeOrSkip()
+        let observed = Mutex<(parent: SchedulingClass?, resets: Bool?, child: SchedulingClass?, restoredResets: Bool?)>((nil, nil, nil, nil))
+        let thread = try HostThread(name: "rt-parent") {
+            guard let saved = try? RealtimeThreadPolicy.apply(RealtimePolicy(schedulingClass: .fifo(priority: 20))) else { return }
+            let childClass = Mutex<SchedulingClass?>(nil)
+            if let child = try? HostThread(name: "rt-child", { childClass.withLock { $0 = try? ThreadScheduling.schedulingClass() } }) {
+                child.join()
+            }
+            let parent = try? ThreadScheduling.schedulingClass(), resets = try? ThreadScheduling.resetsOnFork()
+            RealtimeThreadPolicy.restore(saved)
+            let restoredResets = try? ThreadScheduling.resetsOnFork()
+            observed.withLock { $0 = (parent, resets, childClass.withLock { $0 }, restoredResets) }
+        }
+        thread.join()
+        let result = observed.withLock { $0 }
+        XCTAssertEqual(result.parent, .fifo(priority: 20), "the policy was applied")
+        XCTAssertEqual(result.resets, true)
+        XCTAssertEqual(result.child, .other(nice: 0), "the child did not inherit SCHED_FIFO")
+        XCTAssertEqual(result.restoredResets, false, "restoring the thread clears the flag")
+    }
+
     func testTimerSlackZeroMeansMinimumNotDefault() throws {
         let result = Mutex<(UInt64, UInt64)>((0, 0))
         let thread = try HostThread(name: "slack") {

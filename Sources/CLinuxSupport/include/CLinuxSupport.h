@@ -20,8 +20,14 @@ int rtv_rlimit_rtprio(void);
 int rtv_set_affinity(pid_t tid, const int *cpus, int count);
 /// sched_getaffinity(tid): writes up to `capacity` CPU numbers to `cpus`; returns how many or -errno.
 int rtv_get_affinity(pid_t tid, int *cpus, int capacity);
-/// sched_setattr(tid) for SCHED_DEADLINE with runtime/deadline/period in ns. Returns 0 or errno.
-int rtv_set_deadline(pid_t tid, uint64_t runtime, uint64_t deadline, uint64_t period);
+/// sched_setattr(tid) for SCHED_DEADLINE with runtime/deadline/period in ns, with
+/// SCHED_FLAG_RESET_ON_FORK when `reset_on_fork` is non-zero. Returns 0 or errno.
+int rtv_set_deadline(pid_t tid, uint64_t runtime, uint64_t deadline, uint64_t period, int reset_on_fork);
+/// Whether thread `tid` has SCHED_FLAG_RESET_ON_FORK (sched_getattr): 0 or 1 in `*reset_on_fork`.
+/// Returns 0 or errno.
+int rtv_get_reset_on_fork(pid_t tid, int *reset_on_fork);
+/// SCHED_RESET_ON_FORK, to OR into a sched_setscheduler policy.
+int rtv_sched_reset_on_fork(void);
 /// sched_getattr(tid): policy and (for SCHED_DEADLINE) the runtime; returns 0 or errno.
 int rtv_get_deadline(pid_t tid, uint32_t *policy, uint64_t *runtime, uint64_t *deadline, uint64_t *period);
 /// SCHED_DEADLINE's policy number.

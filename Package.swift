@@ -99,7 +99,10 @@ let package = Package(
         ),
         .testTarget(name: "CgroupSchedulerTests", dependencies: ["CgroupScheduler", "RTVirtTesting"]),
         .testTarget(name: "RTVirtTestingTests", dependencies: ["RTVirtTesting"]),
-        .testTarget(name: "IntegrationTests", dependencies: ["rtvirt", "CgroupScheduler", "KVMBackend", "RTVirtCore", "RTVirtTesting"]),
+        .testTarget(
+            name: "IntegrationTests",
+            dependencies: ["rtvirt", "CgroupScheduler", "KVMBackend", "RTVirtCore", "RTVirtGuestImage", "RTVirtTesting"]
+        ),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -62,6 +62,7 @@ public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
         let result = rtv_kvm_run(descriptor.rawValue)
         let code = errno
         runningThread.withLock { $0 = nil }
+        if !vm.hasRun.load(ordering: .relaxed) { vm.hasRun.store(true, ordering: .releasing) }
         if result < 0 {
             if code == EINTR { return .interrupted }
             throw .ioctlFailed(operation: "KVM_RUN", errno: Errno(rawValue: code))
@@ -72,6 +73,36 @@ public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
             return stringIOExit(info)
         }
         return Self.exit(from: info)
+    }
+
+    /// Does on the calling thread what the VM's first `KVM_RUN` does besides running the guest,
+    /// so that the tasks KVM starts then inherit this thread's cgroups, scheduling class and
+    /// affinity before it becomes real-time, not after.
+    ///
+    /// KVM starts per-VM workers in the VMM's own thread group from the thread of the VM's first
+    /// `KVM_RUN`: on Linux 6.13 and later `kvm-nx-lpage-recovery` (which `nx_huge_pages` and
+    /// `nx_huge_pages_recovery_ratio` govern). Started from a real-time vCPU thread, it would run
+    /// real-time inside the partition's budget and keep the partition from being removed. This
+    /// is a `KVM_RUN` with `immediate_exit` set, which returns EINTR without entering the guest.
+    /// Once per VM: after any `KVM_RUN` of the VM has returned it does nothing.
+    /// `RealtimeVCPUScheduler` calls it on each vCPU thread before applying a policy.
+    /// - Throws: `KVMError.ioctlFailed` when `KVM_RUN` fails with anything but EINTR.
+    public func prepareHostThread() throws(KVMError) {
+        guard !vm.hasRun.load(ordering: .acquiring) else { return }
+        try runningThread.withLock { (_) throws(KVMError) in
+            // Under the kick lock: a concurrent kick waits, so the immediate_exit it sets is
+            // neither lost when the previous value is put back nor taken as this call's.
+            let armed = rtv_run_get_immediate_exit(runArea)
+            rtv_run_set_immediate_exit(runArea, 1)
+            defer { rtv_run_set_immediate_exit(runArea, armed) }
+            let result = rtv_kvm_run(descriptor.rawValue)
+            let code = errno
+            guard result < 0, code == EINTR else {
+                throw .ioctlFailed(operation: "KVM_RUN with immediate_exit (starting KVM's per-VM workers)",
+                                   errno: Errno(rawValue: result < 0 ? code : EPROTO))
+            }
+        }
+        vm.hasRun.store(true, ordering: .releasing)
     }
 
     /// A `rep ins`/`rep outs` exit; elements outside the kvm_run area make it unsupported.

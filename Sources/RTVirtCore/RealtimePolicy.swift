@@ -100,6 +100,10 @@ public enum RealtimeThreadPolicy {
 /// Real-time policies for the vCPUs of one VM: gives `VirtualMachineRunner` the hooks that
 /// apply each vCPU's policy on its own thread and restore the thread when it stops. vCPUs
 /// without a policy are left alone.
+///
+/// Before a policy is applied, the vCPU's `prepareHostThread()` runs on the thread, so that
+/// the tasks the hypervisor starts at the VM's first run (KVM's `kvm-nx-lpage-recovery`) are
+/// created from an ordinary thread and stay out of the real-time partition and class.
 public final class RealtimeVCPUScheduler: Sendable {
     /// What happened to one vCPU's thread.
     public enum Status: Equatable, Sendable {
@@ -137,7 +141,7 @@ public final class RealtimeVCPUScheduler: Sendable {
     /// For `VirtualMachineRunner(onThreadStart:)`.
     public func threadStarted(_ vcpu: any VirtualCPU) {
         guard let policy = policies[vcpu.id], policy.activation == .atStart else { return }
-        applyOnCurrentThread(vcpu: vcpu.id, policy: policy)
+        applyOnCurrentThread(vcpu: vcpu, policy: policy)
     }
 
     /// For `VirtualMachineRunner(onThreadEnd:)`.
@@ -158,15 +162,18 @@ public final class RealtimeVCPUScheduler: Sendable {
     /// Applies `vcpu`'s deferred policy on its thread at its next exit (the vCPU is kicked).
     public func activate(vcpu: Int) {
         guard let policy = policies[vcpu], let loop = loops.withLock({ $0[vcpu] }) else { return }
-        loop.performOnThread { [self] in applyOnCurrentThread(vcpu: vcpu, policy: policy) }
+        loop.performOnThread { [self] in applyOnCurrentThread(vcpu: loop.vcpu, policy: policy) }
     }
 
-    private func applyOnCurrentThread(vcpu: Int, policy: RealtimePolicy) {
+    /// First lets the hypervisor start the helper tasks of the VM's first run from this thread
+    /// while it is still an ordinary thread (`VirtualCPU.prepareHostThread`), then applies.
+    private func applyOnCurrentThread(vcpu: any VirtualCPU, policy: RealtimePolicy) {
         do {
+            try vcpu.prepareHostThread()
             let saved = try RealtimeThreadPolicy.apply(policy, partition: partition)
-            states.withLock { $0[vcpu] = VCPUState(status: .applied(threadID: saved.threadID), saved: saved) }
+            states.withLock { $0[vcpu.id] = VCPUState(status: .applied(threadID: saved.threadID), saved: saved) }
         } catch {
-            states.withLock { $0[vcpu] = VCPUState(status: .failed("\(error)"), saved: nil) }
+            states.withLock { $0[vcpu.id] = VCPUState(status: .failed("\(error)"), saved: nil) }
         }
     }
 }

@@ -56,6 +56,10 @@ struct CheckCommand: ParsableCommand {
             item(nil, "max vCPUs per VM", "\(kvm.maximumVCPUs ?? 0)")
         }
         for (name, value) in kvm.parameters.sorted(by: { $0.key < $1.key }) { item(nil, "kvm.\(name)", value) }
+        if kvm.parameters["nx_huge_pages"] != nil {
+            lines.append("         nx_huge_pages* govern KVM's per-VM kvm-nx-lpage-recovery worker, started at a VM's first KVM_RUN;")
+            lines.append("         RTVirt starts it before a vCPU turns real-time, so it stays out of RT partitions (Docs/CgroupScheduler.md)")
+        }
 
         section("Real-time scheduling")
         item(rt.fifoPermitted, "SCHED_FIFO", rt.fifoPermitted ? "permitted" : (rt.fifoError ?? "not permitted"))

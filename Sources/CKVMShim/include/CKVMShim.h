@@ -118,6 +118,9 @@ int rtv_kick_unblock_in_current_thread(int signo);
 /// Sets `immediate_exit` (sequentially consistent store).
 void rtv_run_set_immediate_exit(struct kvm_run *run, uint8_t value);
 
+/// Reads `immediate_exit` (sequentially consistent load).
+uint8_t rtv_run_get_immediate_exit(const struct kvm_run *run);
+
 /// Sends `signo` to `thread`. Returns 0 or an errno value.
 int rtv_kick_thread(pthread_t thread, int signo);
 

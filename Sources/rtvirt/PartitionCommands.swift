@@ -76,7 +76,7 @@ struct PartitionCommand: ParsableCommand {
         if dryRun { return }
         let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)
         print("created \(partition.realtimeGroup) and \(partition.housekeepingGroup)")
-        print(String(format: "removed again in %.2f ms", Double(partition.remove()) / 1e6))
+        print(String(format: "removed again in %.2f ms", Double(try partition.remove()) / 1e6))
     }
 }
 
@@ -144,7 +144,7 @@ struct RunawayCommand: ParsableCommand {
         do {
             defer {
                 // Whatever happened, stop the guest and remove the partition; time it.
-                cleanupMs = cleanupMs == 0 ? Double(partition.remove()) / 1e6 : cleanupMs
+                cleanupMs = cleanupMs == 0 ? Double((try? partition.remove()) ?? 0) / 1e6 : cleanupMs
             }
             let rate = try Self.measure(system: system, cpu: rtCPU, seconds: seconds, partition: partition, onMachine: { machine in
                 // Guest memory on the plan's node (libnuma); a no-op that says so on one-node hosts.
@@ -152,7 +152,7 @@ struct RunawayCommand: ParsableCommand {
                 numaMessage = NUMABinding.bindMemory(region.mapping.pointer, size: Int(region.size), node: plan.memoryNode ?? 0)
             }) { stopStart in
                 let stopNanoseconds = monotonicNanoseconds() - stopStart
-                cleanupMs = Double(stopNanoseconds + partition.remove()) / 1e6
+                cleanupMs = Double(stopNanoseconds + ((try? partition.remove()) ?? 0)) / 1e6
             } statBeforeCleanup: {
                 withPhase.cpuStat = Self.cpuStat(backend: backend, group: partition.realtimeGroup)
             }

@@ -71,7 +71,7 @@ final class KernelWorkerTests: XCTestCase {
         // The VM is gone (runner and machine released): its worker has stopped with it.
         let remaining = Set(ProcessTask.all().map(\.tid))
         XCTAssertTrue(workers.allSatisfy { !remaining.contains($0.tid) }, "KVM's worker ends with its VM")
-        partition.remove()
+        try partition.remove()
         XCTAssertEqual(CgroupPartition.allVMGroups(backend: backend).filter { $0.hasPrefix("rtvirt/workertest-") }, [])
     }
 }

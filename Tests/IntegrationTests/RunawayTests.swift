@@ -42,10 +42,10 @@ final class RunawayTests: XCTestCase {
                                  budget: RTBudget(parsing: "50ms/100ms")!)
         let idle = try ProgressCounter.rate(cpu: rtCPU, seconds: 0.3)
         let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)
-        defer { partition.remove() }
+        defer { _ = try? partition.remove() }
         var cleanupNanoseconds: UInt64 = 0
         let rate = try RunawayCommand.measure(system: system, cpu: rtCPU, seconds: 1, partition: partition) { stopStart in
-            cleanupNanoseconds = monotonicNanoseconds() - stopStart + partition.remove()
+            cleanupNanoseconds = monotonicNanoseconds() - stopStart + ((try? partition.remove()) ?? 0)
         } statBeforeCleanup: {}
         let share = rate / idle
         print("housekeeping share with a 50 % partition: \(share); cleanup \(Double(cleanupNanoseconds) / 1e6) ms")

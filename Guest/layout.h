@@ -38,10 +38,12 @@
 #define GUEST_MODE_CYCLIC_LONG_POLL  8 /* RSI periods of RDX TSC cycles, waiting with VMRPC timer.sleepUntil (CPL 3) */
 #define GUEST_MODE_STRING_IO 10 /* rep outsb of "RTV!" to the result port; rep insw of 3 words from the input port, each reported */
 #define GUEST_MODE_CYCLIC_INTERRUPT 9 /* the same with the LAPIC TSC-deadline timer, sti; hlt (CPL 0, needs the irqchip) */
+#define GUEST_MODE_SLEEP_CHECK 11 /* RSI sleeps of RDX TSC cycles with VMRPC timer.sleepUntil (8-byte form, no guest spin) */
 
 /* The cyclic modes store, per period i, (TSC at resume - deadline i) as a signed 64-bit value:
  * the interrupt mode at data[i]; the long-poll mode at data[2i], with data[2i + 1] its arrival
- * before the guest-side spin. The interrupt mode's timer vector: */
+ * before the guest-side spin. The sleep-check mode stores (TSC at resume - deadline) of sleep i at
+ * data[i]. The interrupt mode's timer vector: */
 #define GUEST_TIMER_VECTOR 0xEC
 
 /* Reverse-call procedures the rpc-demo guest serves. */

@@ -15,6 +15,7 @@ public enum KVMCapability: Int, CaseIterable, Sendable, CustomStringConvertible 
     case recommendedVCPUs
     case maximumVCPUs
     case memorySlots
+    case vcpuAttributes
 
     /// The kernel's number for it.
     var number: Int {
@@ -33,6 +34,7 @@ public enum KVMCapability: Int, CaseIterable, Sendable, CustomStringConvertible 
         case .recommendedVCPUs: value = RTV_CAP_NR_VCPUS
         case .maximumVCPUs: value = RTV_CAP_MAX_VCPUS
         case .memorySlots: value = RTV_CAP_NR_MEMSLOTS
+        case .vcpuAttributes: value = RTV_CAP_VCPU_ATTRIBUTES
         }
         return Int(value.rawValue)
     }
@@ -53,6 +55,7 @@ public enum KVMCapability: Int, CaseIterable, Sendable, CustomStringConvertible 
         case .recommendedVCPUs: return "KVM_CAP_NR_VCPUS"
         case .maximumVCPUs: return "KVM_CAP_MAX_VCPUS"
         case .memorySlots: return "KVM_CAP_NR_MEMSLOTS"
+        case .vcpuAttributes: return "KVM_CAP_VCPU_ATTRIBUTES"
         }
     }
 

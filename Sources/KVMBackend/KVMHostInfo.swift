@@ -50,6 +50,9 @@ public struct KVMHostInfo: Codable, Equatable, Sendable {
     public var parameters: [String: String]
     /// Highest vCPU count per VM.
     public var maximumVCPUs: Int?
+    /// How RTVirt reads a vCPU's guest TSC offset here: exactly from the kernel
+    /// (`KVM_VCPU_TSC_OFFSET`), or sampled with an error bound (probed on a scratch vCPU).
+    public var tscOffsetMethod: TSCOffsetMethod?
 
     /// The `kvm` module parameters `inspect` reports.
     public static let parameterNames = [
@@ -72,7 +75,7 @@ public struct KVMHostInfo: Codable, Equatable, Sendable {
             if let value = files.readLine("/sys/module/kvm/parameters/\(name)") { parameters[name] = value }
         }
         var info = KVMHostInfo(available: false, error: nil, module: module, nested: module == .pvm,
-                               apiVersion: nil, capabilities: [:], parameters: parameters, maximumVCPUs: nil)
+                               apiVersion: nil, capabilities: [:], parameters: parameters, maximumVCPUs: nil, tscOffsetMethod: nil)
         do {
             let system = try KVMSystem(path: path)
             info.available = true
@@ -81,6 +84,9 @@ public struct KVMHostInfo: Codable, Equatable, Sendable {
                 info.capabilities[capability.description] = system.capabilityValue(capability)
             }
             info.maximumVCPUs = system.maximumVCPUCount
+            if let vcpu = try? system.makeKVMVirtualMachine().makeKVMVCPU(id: 0) {
+                info.tscOffsetMethod = (try? vcpu.readTSCOffset(method: .kernelAttribute)) != nil ? .kernelAttribute : .msrSampling
+            }
         } catch {
             info.error = "\(error)"
         }

@@ -38,6 +38,11 @@ public enum BundledGuestMode: UInt64, Sendable, CaseIterable {
     /// `rep outsb` of "RTV!" to the result port, then `rep insw` of three words from the input
     /// port, each reported with a plain `out`.
     case stringIO = 10
+    /// RSI sleeps of RDX TSC cycles each (deadline = TSC before the call + RDX) with VMRPC
+    /// `timer.sleepUntil` in its 8-byte form: no early release, no guest-side spin. Per sleep
+    /// the TSC at resume minus the deadline (signed) into the data buffer; negative means the
+    /// host released the guest before its deadline by the guest's own TSC.
+    case sleepCheck = 11
 
     /// The LCG multiplier and increment the `compute` mode uses.
     public static let lcgMultiplier: UInt64 = 6_364_136_223_846_793_005

@@ -54,6 +54,11 @@ struct CheckCommand: ParsableCommand {
             item(true, "capabilities", present.joined(separator: " "))
             if !missing.isEmpty { item(false, "missing capabilities", missing.joined(separator: " ")) }
             item(nil, "max vCPUs per VM", "\(kvm.maximumVCPUs ?? 0)")
+            switch kvm.tscOffsetMethod {
+            case .kernelAttribute?: item(true, "guest TSC offset", "exact: KVM_GET_DEVICE_ATTR(KVM_VCPU_TSC_OFFSET)")
+            case .msrSampling?: item(nil, "guest TSC offset", "sampled: KVM_GET_MSRS(IA32_TSC) between host TSC reads, with an error bound (rtvirt tsc-offset)")
+            case nil: item(false, "guest TSC offset", "could not be probed (no scratch vCPU)")
+            }
         }
         for (name, value) in kvm.parameters.sorted(by: { $0.key < $1.key }) { item(nil, "kvm.\(name)", value) }
         if kvm.parameters["nx_huge_pages"] != nil {

@@ -3,6 +3,7 @@
 #ifndef RTVIRT_CKVMSHIM_H
 #define RTVIRT_CKVMSHIM_H
 
+#include <errno.h>
 #include <linux/kvm.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -58,9 +59,31 @@ enum rtv_kvm_capability {
     RTV_CAP_NR_MEMSLOTS = KVM_CAP_NR_MEMSLOTS,
     RTV_CAP_TSC_DEADLINE_TIMER = KVM_CAP_TSC_DEADLINE_TIMER,
     RTV_CAP_GET_TSC_KHZ = KVM_CAP_GET_TSC_KHZ,
+    RTV_CAP_VCPU_ATTRIBUTES = 127, // KVM_CAP_VCPU_ATTRIBUTES, Linux 5.16 (older headers lack it)
 };
 
 static inline int rtv_kvm_get_tsc_khz(int vcpufd) { return ioctl(vcpufd, KVM_GET_TSC_KHZ, 0); }
+
+// MARK: The guest TSC offset as a vCPU attribute (Linux 5.16+)
+
+#ifndef KVM_VCPU_TSC_CTRL
+#define KVM_VCPU_TSC_CTRL 0
+#define KVM_VCPU_TSC_OFFSET 0
+#endif
+
+/// Reads the vCPU's TSC offset (guest TSC = host TSC + offset, without TSC scaling) with
+/// KVM_HAS_DEVICE_ATTR / KVM_GET_DEVICE_ATTR (KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET).
+/// Returns 0, or the errno: ENXIO or ENOTTY when the kernel does not offer the attribute.
+static inline int rtv_kvm_get_tsc_offset(int vcpufd, int64_t *offset) {
+    uint64_t value = 0;
+    struct kvm_device_attr attribute = {
+        .group = KVM_VCPU_TSC_CTRL, .attr = KVM_VCPU_TSC_OFFSET, .addr = (uint64_t)(uintptr_t)&value,
+    };
+    if (ioctl(vcpufd, KVM_HAS_DEVICE_ATTR, &attribute) != 0) return errno;
+    if (ioctl(vcpufd, KVM_GET_DEVICE_ATTR, &attribute) != 0) return errno;
+    *offset = (int64_t)value;
+    return 0;
+}
 
 // MARK: Exit decoding
 

@@ -48,6 +48,15 @@ static inline uint64_t rtv_rdtsc(void) {
     __asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));
     return ((uint64_t)hi << 32) | lo;
 }
+/// Reads the time-stamp counter with `rdtscp`, fenced so that it is neither executed before
+/// earlier instructions nor after later ones (`lfence` after it), and the CPU it ran on
+/// (Linux keeps the CPU number in IA32_TSC_AUX).
+static inline uint64_t rtv_rdtscp_fenced(uint32_t *cpu) {
+    uint32_t lo, hi, aux;
+    __asm__ __volatile__("rdtscp; lfence" : "=a"(lo), "=d"(hi), "=c"(aux) :: "memory");
+    *cpu = aux & 0xfff;
+    return ((uint64_t)hi << 32) | lo;
+}
 /// A pause instruction for spin loops.
 static inline void rtv_cpu_relax(void) { __asm__ __volatile__("pause" ::: "memory"); }
 

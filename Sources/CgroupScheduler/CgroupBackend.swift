@@ -66,8 +66,8 @@ func checkInsideSubtree(_ path: String) throws(CgroupError) {
 }
 
 /// Plain file operations under each controller's mount point (also what tests point at a
-/// temporary directory). Writes to a thread's original group, outside the subtree, are only
-/// done by `restoreThread` to put back a thread that came from there.
+/// temporary directory). The only writes outside the subtree are `moveOut`'s, to the `tasks`
+/// file of the group a thread came from (or its process's group), to put it back there.
 public struct FileCgroupBackend: CgroupBackend {
     /// Mount point per controller.
     public var mounts: [String: String]
@@ -155,7 +155,9 @@ public struct FileCgroupBackend: CgroupBackend {
 }
 
 /// The same operations through libcgroup (`cgroup_create_cgroup`, `cgroup_modify_cgroup`,
-/// `cgroup_attach_task_pid`, `cgroup_delete_cgroup`), on the host's real hierarchies.
+/// `cgroup_attach_task_pid`, `cgroup_delete_cgroup`), on the host's real hierarchies. Reads,
+/// and `moveOut` (whose target is outside the subtree libcgroup calls are confined to), are
+/// plain file operations.
 public struct LibcgroupBackend: CgroupBackend {
     let files: FileCgroupBackend
 

@@ -269,7 +269,9 @@ public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
     /// offers the offset as a vCPU attribute, otherwise sampled (`TSCOffsetReading`).
     ///
     /// - Parameter method: nil (the default) reads the attribute when the kernel has it and
-    ///   samples otherwise; `.msrSampling` always samples (to compare, or to test the fallback).
+    ///   samples otherwise; `.kernelAttribute` only reads the attribute (throwing
+    ///   `.ioctlFailed` where there is none); `.msrSampling` always samples (to compare, or to
+    ///   test the fallback on a kernel that has the attribute).
     /// - Throws: `KVMError.tscOffsetUnbounded` when sampling finds no window narrow enough,
     ///   `.tscOffsetInconsistent`, `.invalidTSCSamplingLimits`, or `.ioctlFailed`.
     public func readTSCOffset(method: TSCOffsetMethod? = nil, limits: TSCSamplingLimits = TSCSamplingLimits()) throws(KVMError) -> TSCOffsetReading {

@@ -105,10 +105,10 @@ let package = Package(
             dependencies: ["VMRPC", "RTVirtTesting", "CVMRPCGuest", "VMRPCFuzzHarness"],
             exclude: ["FuzzCorpus"]
         ),
-        .testTarget(name: "CgroupSchedulerTests", dependencies: ["CgroupScheduler"]),
+        .testTarget(name: "CgroupSchedulerTests", dependencies: ["CgroupScheduler", "RTVirtTesting"]),
         .testTarget(name: "RTVirtTestingTests", dependencies: ["RTVirtTesting"]),
         .testTarget(name: "IntegrationTests", dependencies: [
-            "rtvirt", "CgroupScheduler", "KVMBackend", "RTVirtCore", "CZlib",
+            "rtvirt", "CgroupScheduler", "KVMBackend", "RTVirtCore", "RTVirtGuestImage", "RTVirtTesting", "CZlib",
             .product(name: "Histogram", package: "hdrhistogram-swift"),
         ]),
     ],

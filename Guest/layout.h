@@ -42,11 +42,13 @@
                                            * the handler of GUEST_INJECTED_VECTOR reports GUEST_INJECTED_MARK; then the call's status and
                                            * the number of interrupts taken are reported */
 #define GUEST_MODE_CYCLIC_LONG_POLL_RAW 11 /* mode 8 with the 8-byte timer.sleepUntil and no guest-side spin (CPL 3) */
+#define GUEST_MODE_SLEEP_CHECK 12 /* RSI sleeps of RDX TSC cycles with VMRPC timer.sleepUntil (8-byte form, no guest spin) */
 
 /* The cyclic modes store, per period i, (TSC at resume - deadline i) as a signed 64-bit value:
  * the interrupt mode at data[i]; the long-poll modes at data[2i], with data[2i + 1] the arrival
  * before the guest-side spin (mode 8) or the host's wake-up in guest TSC (mode 11, which does not
- * spin). The interrupt mode's timer vector: */
+ * spin). The sleep-check mode (12) stores (TSC at resume - deadline) of sleep i at data[i].
+ * The interrupt mode's timer vector: */
 #define GUEST_TIMER_VECTOR 0xEC
 /* The vector the host injects in the interruptible-sleep mode, and what its handler reports. */
 #define GUEST_INJECTED_VECTOR 0xED

@@ -192,6 +192,25 @@ static uint32_t cyclic_longpoll_raw(volatile uint8_t *slot, uint64_t count, uint
     return 0;
 }
 
+/* `count` sleeps of `length` TSC cycles each, each deadline taken from the TSC just before its
+ * call, with timer.sleepUntil in its 8-byte form: no early release by the host, no spin here, so
+ * the guest resumes exactly when the host lets it. data[i] = TSC at resume - deadline (negative:
+ * resumed before the deadline by the guest's own TSC, which a correct TSC mapping never allows).
+ * Exits 0, or 0x100 + the status of a failed sleep. */
+static uint32_t sleep_check(volatile uint8_t *slot, uint64_t count, uint64_t length, int64_t *data) {
+    uint64_t capacity = GUEST_DATA_SIZE / 8;
+    if (count > capacity) count = capacity;
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t deadline = rdtsc() + length;
+        uint32_t status = rtv_vmrpc_call_port(slot, GUEST_PORT_DOORBELL, RTV_VMRPC_PROC_SLEEP_UNTIL, ++sequence,
+                                              &deadline, 8, 0, 0);
+        uint64_t now = rdtsc();
+        if (status != RTV_VMRPC_OK) return 0x100 + status;
+        data[i] = (int64_t)(now - deadline);
+    }
+    return 0;
+}
+
 uint32_t guest_c_main(uint64_t mode, uint64_t arg0, uint64_t arg1, uint8_t *slot, uint64_t *data) {
     switch (mode) {
     case GUEST_MODE_RPC_DEMO: return rpc_demo(slot);
@@ -199,6 +218,7 @@ uint32_t guest_c_main(uint64_t mode, uint64_t arg0, uint64_t arg1, uint8_t *slot
     case GUEST_MODE_CYCLIC_LONG_POLL: return cyclic_longpoll(slot, arg0, arg1, (int64_t *)data);
     case GUEST_MODE_INTERRUPTIBLE_SLEEP: return interruptible_sleep(slot, arg0);
     case GUEST_MODE_CYCLIC_LONG_POLL_RAW: return cyclic_longpoll_raw(slot, arg0, arg1, (int64_t *)data);
+    case GUEST_MODE_SLEEP_CHECK: return sleep_check(slot, arg0, arg1, (int64_t *)data);
     default: return GUEST_STATUS_BAD_MODE;
     }
 }

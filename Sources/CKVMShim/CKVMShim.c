@@ -133,6 +133,10 @@ void rtv_run_set_immediate_exit(struct kvm_run *run, uint8_t value) {
     __atomic_store_n(&run->immediate_exit, value, __ATOMIC_SEQ_CST);
 }
 
+uint8_t rtv_run_get_immediate_exit(const struct kvm_run *run) {
+    return __atomic_load_n(&run->immediate_exit, __ATOMIC_SEQ_CST);
+}
+
 int rtv_kick_unblock_in_current_thread(int signo) {
     sigset_t set;
     sigemptyset(&set);

@@ -78,11 +78,18 @@ struct rtv_sched_attr {
 
 int rtv_sched_deadline(void) { return SCHED_DEADLINE; }
 
-int rtv_set_deadline(pid_t tid, uint64_t runtime, uint64_t deadline, uint64_t period) {
+#ifndef SCHED_FLAG_RESET_ON_FORK
+#define SCHED_FLAG_RESET_ON_FORK 0x01
+#endif
+
+int rtv_sched_reset_on_fork(void) { return SCHED_RESET_ON_FORK; }
+
+int rtv_set_deadline(pid_t tid, uint64_t runtime, uint64_t deadline, uint64_t period, int reset_on_fork) {
     struct rtv_sched_attr attr;
     memset(&attr, 0, sizeof(attr));
     attr.size = sizeof(attr);
     attr.sched_policy = SCHED_DEADLINE;
+    attr.sched_flags = reset_on_fork ? SCHED_FLAG_RESET_ON_FORK : 0;
     attr.sched_runtime = runtime;
     attr.sched_deadline = deadline;
     attr.sched_period = period;
@@ -97,6 +104,14 @@ int rtv_get_deadline(pid_t tid, uint32_t *policy, uint64_t *runtime, uint64_t *d
     *runtime = attr.sched_runtime;
     *deadline = attr.sched_deadline;
     *period = attr.sched_period;
+    return 0;
+}
+
+int rtv_get_reset_on_fork(pid_t tid, int *reset_on_fork) {
+    struct rtv_sched_attr attr;
+    memset(&attr, 0, sizeof(attr));
+    if (syscall(SYS_sched_getattr, tid, &attr, sizeof(attr), 0) != 0) return errno;
+    *reset_on_fork = (attr.sched_flags & SCHED_FLAG_RESET_ON_FORK) != 0;
     return 0;
 }
 

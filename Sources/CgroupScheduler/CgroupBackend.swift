@@ -17,6 +17,9 @@ public enum CgroupError: Error, Equatable, Sendable, CustomStringConvertible {
     case file(operation: String, path: String, errno: Errno)
     /// A path outside the project's subtree was about to be touched (never done).
     case outsideSubtree(String)
+    /// Tasks could not be moved out of `group`, so it was not removed; no RT runtime was
+    /// given back (the budgets are as they were: removing again may succeed).
+    case partitionBusy(group: String, tasks: [pid_t])
 
     public var description: String {
         switch self {
@@ -25,6 +28,8 @@ public enum CgroupError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .libcgroup(operation, code, message): return "libcgroup \(operation) failed (\(code)): \(message)"
         case let .file(operation, path, errno): return "\(operation) \(path): \(errno)"
         case .outsideSubtree(let path): return "refusing to touch \(path): outside the rtvirt subtree"
+        case let .partitionBusy(group, tasks):
+            return "tasks \(tasks.map(String.init).joined(separator: ", ")) could not be moved out of \(group); it was left in place with its RT runtime"
         }
     }
 }
@@ -42,6 +47,11 @@ public protocol CgroupBackend: Sendable {
     func value(name: String, group path: String, controller: String) -> String?
     /// Moves thread `tid` into `path` of `controller`.
     func attach(thread tid: pid_t, group path: String, controller: String) throws(CgroupError)
+    /// Moves thread `tid` out of the project's subtree into `path` of `controller`, a group
+    /// outside it ("" is the hierarchy's root): only to put a task back where it belongs.
+    func moveOut(thread tid: pid_t, to path: String, controller: String) throws(CgroupError)
+    /// The threads in `path` of `controller` (its `tasks` file); empty when there is none.
+    func tasks(in path: String, controller: String) -> [pid_t]
     /// Removes the (empty) group `path`.
     func deleteGroup(_ path: String, controller: String) throws(CgroupError)
     /// Child group names of `path`.
@@ -56,8 +66,8 @@ func checkInsideSubtree(_ path: String) throws(CgroupError) {
 }
 
 /// Plain file operations under each controller's mount point (also what tests point at a
-/// temporary directory). Writes to a thread's original group, outside the subtree, are only
-/// done by `restoreThread` to put back a thread that came from there.
+/// temporary directory). The only writes outside the subtree are `moveOut`'s, to the `tasks`
+/// file of the group a thread came from (or its process's group), to put it back there.
 public struct FileCgroupBackend: CgroupBackend {
     /// Mount point per controller.
     public var mounts: [String: String]
@@ -112,9 +122,13 @@ public struct FileCgroupBackend: CgroupBackend {
         try write("\(tid)", to: try directory(path, controller) + "/tasks")
     }
 
-    /// Moves `tid` back to `path` where it came from (may be outside the subtree).
-    func restoreThread(_ tid: pid_t, toOriginalGroup path: String, controller: String) throws(CgroupError) {
+    public func moveOut(thread tid: pid_t, to path: String, controller: String) throws(CgroupError) {
         try write("\(tid)", to: try directory(path, controller) + "/tasks")
+    }
+
+    public func tasks(in path: String, controller: String) -> [pid_t] {
+        guard let directory = try? directory(path, controller) else { return [] }
+        return (HostFiles().read(directory + "/tasks") ?? "").split(whereSeparator: \.isNewline).compactMap { pid_t($0) }
     }
 
     public func deleteGroup(_ path: String, controller: String) throws(CgroupError) {
@@ -141,7 +155,9 @@ public struct FileCgroupBackend: CgroupBackend {
 }
 
 /// The same operations through libcgroup (`cgroup_create_cgroup`, `cgroup_modify_cgroup`,
-/// `cgroup_attach_task_pid`, `cgroup_delete_cgroup`), on the host's real hierarchies.
+/// `cgroup_attach_task_pid`, `cgroup_delete_cgroup`), on the host's real hierarchies. Reads,
+/// and `moveOut` (whose target is outside the subtree libcgroup calls are confined to), are
+/// plain file operations.
 public struct LibcgroupBackend: CgroupBackend {
     let files: FileCgroupBackend
 
@@ -190,6 +206,12 @@ public struct LibcgroupBackend: CgroupBackend {
     public func attach(thread tid: pid_t, group path: String, controller: String) throws(CgroupError) {
         try withGroup(path, controller: controller, { cgroup_attach_task_pid($0, tid) }, operation: "cgroup_attach_task_pid")
     }
+
+    public func moveOut(thread tid: pid_t, to path: String, controller: String) throws(CgroupError) {
+        try files.moveOut(thread: tid, to: path, controller: controller)
+    }
+
+    public func tasks(in path: String, controller: String) -> [pid_t] { files.tasks(in: path, controller: controller) }
 
     public func deleteGroup(_ path: String, controller: String) throws(CgroupError) {
         guard groupExists(path, controller: controller) else { return }

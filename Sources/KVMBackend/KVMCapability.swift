@@ -17,6 +17,7 @@ public enum KVMCapability: Int, CaseIterable, Sendable, CustomStringConvertible 
     case memorySlots
     case multiprocessingState
     case signalMSI
+    case vcpuAttributes
 
     /// The kernel's number for it.
     var number: Int {
@@ -37,6 +38,7 @@ public enum KVMCapability: Int, CaseIterable, Sendable, CustomStringConvertible 
         case .memorySlots: value = RTV_CAP_NR_MEMSLOTS
         case .multiprocessingState: value = RTV_CAP_MP_STATE
         case .signalMSI: value = RTV_CAP_SIGNAL_MSI
+        case .vcpuAttributes: value = RTV_CAP_VCPU_ATTRIBUTES
         }
         return Int(value.rawValue)
     }
@@ -59,6 +61,7 @@ public enum KVMCapability: Int, CaseIterable, Sendable, CustomStringConvertible 
         case .memorySlots: return "KVM_CAP_NR_MEMSLOTS"
         case .multiprocessingState: return "KVM_CAP_MP_STATE"
         case .signalMSI: return "KVM_CAP_SIGNAL_MSI"
+        case .vcpuAttributes: return "KVM_CAP_VCPU_ATTRIBUTES"
         }
     }
 

@@ -25,6 +25,14 @@ public enum KVMError: Error, Equatable, Sendable, CustomStringConvertible {
     case runAreaMappingFailed(errno: Errno)
     /// The kick signal already has a handler that RTVirt did not install (see `KVMKickSignal`).
     case kickSignalInUse(signal: Int32)
+    /// The guest TSC offset could not be sampled within the error bound asked for: no host-TSC
+    /// window around `KVM_GET_MSRS(IA32_TSC)` was narrow enough (the narrowest one seen is given).
+    case tscOffsetUnbounded(narrowestWindowNanoseconds: UInt64, limitNanoseconds: UInt64, attempts: Int)
+    /// The samples of the guest TSC offset contradict each other: the offset changed while it
+    /// was sampled (the guest or another thread wrote the TSC), or the host TSCs are not synchronized.
+    case tscOffsetInconsistent
+    /// Sampling limits that cannot work (no samples, no attempts, or a zero window).
+    case invalidTSCSamplingLimits
 
     public var description: String {
         switch self {
@@ -50,6 +58,13 @@ public enum KVMError: Error, Equatable, Sendable, CustomStringConvertible {
             return "mapping the vCPU's kvm_run area failed: \(errno)"
         case let .kickSignalInUse(signal):
             return "signal \(signal) already has a handler: choose another kick signal, or chain it (KVMKickSignal.foreignHandler)"
+        case let .tscOffsetUnbounded(narrowest, limit, attempts):
+            return "the guest TSC offset could not be bounded: the narrowest of \(attempts) host-TSC windows around KVM_GET_MSRS was "
+                + "\(narrowest) ns, over the \(limit) ns allowed (a busy or preempted thread?)"
+        case .tscOffsetInconsistent:
+            return "the guest TSC offset changed while it was sampled (or the host TSCs are not synchronized)"
+        case .invalidTSCSamplingLimits:
+            return "TSC sampling limits need at least one sample, one attempt and a non-zero window"
         }
     }
 }

@@ -12,14 +12,17 @@ public enum KVMModule: String, Codable, Sendable {
     /// No known backend module found.
     case unknown = "unknown"
 
-    /// What the module means for measurements, in one sentence.
+    /// What the module means for measurements, in one sentence. The figures in it are typical
+    /// for the module, not measured on this host (`rtvirt rpc-bench` measures the exit cost here).
     public var implication: String {
         switch self {
         case .intel, .amd:
-            return "hardware virtualization: exits cost on the order of 1 µs"
+            return "hardware virtualization: exits typically cost on the order of 1 µs with this module "
+                + "(a typical figure, not measured here; rtvirt rpc-bench measures it)"
         case .pvm:
-            return "nested (kvm_pvm): guest CPL 3 runs natively, CPL 0 is emulated (~0.7 µs per instruction), "
-                + "and exits cost ~7-20 µs; absolute numbers are higher than on bare-metal KVM"
+            return "nested (kvm_pvm): guest CPL 3 runs natively, CPL 0 is emulated; typical for this module, "
+                + "not measured here: ~0.7 µs per emulated instruction and ~7-20 µs per exit (rtvirt rpc-bench "
+                + "measures the exit cost); absolute numbers are higher than on bare-metal KVM"
         case .unknown:
             return "the KVM backend module could not be identified"
         }
@@ -41,10 +44,20 @@ public struct KVMHostInfo: Codable, Equatable, Sendable {
     public var apiVersion: Int?
     /// Capability name → `KVM_CHECK_EXTENSION` value (0 absent).
     public var capabilities: [String: Int]
-    /// Selected `kvm` module parameters (`halt_poll_ns`, `lapic_timer_advance`, `min_timer_period_us`).
+    /// Selected `kvm` module parameters: `halt_poll_ns`, `lapic_timer_advance`, `min_timer_period_us`,
+    /// and `nx_huge_pages` / `nx_huge_pages_recovery_ratio`, which govern the per-VM
+    /// `kvm-nx-lpage-recovery` worker that KVM starts at a VM's first `KVM_RUN`.
     public var parameters: [String: String]
     /// Highest vCPU count per VM.
     public var maximumVCPUs: Int?
+    /// How RTVirt reads a vCPU's guest TSC offset here: exactly from the kernel
+    /// (`KVM_VCPU_TSC_OFFSET`), or sampled with an error bound (probed on a scratch vCPU).
+    public var tscOffsetMethod: TSCOffsetMethod?
+
+    /// The `kvm` module parameters `inspect` reports.
+    public static let parameterNames = [
+        "halt_poll_ns", "lapic_timer_advance", "min_timer_period_us", "nx_huge_pages", "nx_huge_pages_recovery_ratio",
+    ]
 
     /// The module backing KVM, from `/sys/module`.
     public static func detectModule(files: HostFiles = HostFiles()) -> KVMModule {
@@ -58,11 +71,11 @@ public struct KVMHostInfo: Codable, Equatable, Sendable {
     public static func inspect(path: String = KVMSystem.defaultPath, files: HostFiles = HostFiles()) -> KVMHostInfo {
         let module = detectModule(files: files)
         var parameters: [String: String] = [:]
-        for name in ["halt_poll_ns", "lapic_timer_advance", "min_timer_period_us"] {
+        for name in parameterNames {
             if let value = files.readLine("/sys/module/kvm/parameters/\(name)") { parameters[name] = value }
         }
         var info = KVMHostInfo(available: false, error: nil, module: module, nested: module == .pvm,
-                               apiVersion: nil, capabilities: [:], parameters: parameters, maximumVCPUs: nil)
+                               apiVersion: nil, capabilities: [:], parameters: parameters, maximumVCPUs: nil, tscOffsetMethod: nil)
         do {
             let system = try KVMSystem(path: path)
             info.available = true
@@ -71,6 +84,9 @@ public struct KVMHostInfo: Codable, Equatable, Sendable {
                 info.capabilities[capability.description] = system.capabilityValue(capability)
             }
             info.maximumVCPUs = system.maximumVCPUCount
+            if let vcpu = try? system.makeKVMVirtualMachine().makeKVMVCPU(id: 0) {
+                info.tscOffsetMethod = (try? vcpu.readTSCOffset(method: .kernelAttribute)) != nil ? .kernelAttribute : .msrSampling
+            }
         } catch {
             info.error = "\(error)"
         }

@@ -62,6 +62,7 @@ public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
         let result = rtv_kvm_run(descriptor.rawValue)
         let code = errno
         runningThread.withLock { $0 = nil }
+        if !vm.hasRun.load(ordering: .relaxed) { vm.hasRun.store(true, ordering: .releasing) }
         if result < 0 {
             if code == EINTR { return .interrupted }
             throw .ioctlFailed(operation: "KVM_RUN", errno: Errno(rawValue: code))
@@ -72,6 +73,36 @@ public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
             return stringIOExit(info)
         }
         return Self.exit(from: info)
+    }
+
+    /// Does on the calling thread what the VM's first `KVM_RUN` does besides running the guest,
+    /// so that the tasks KVM starts then inherit this thread's cgroups, scheduling class and
+    /// affinity before it becomes real-time, not after.
+    ///
+    /// KVM starts per-VM workers in the VMM's own thread group from the thread of the VM's first
+    /// `KVM_RUN`: on Linux 6.13 and later `kvm-nx-lpage-recovery` (which `nx_huge_pages` and
+    /// `nx_huge_pages_recovery_ratio` govern). Started from a real-time vCPU thread, it would run
+    /// real-time inside the partition's budget and keep the partition from being removed. This
+    /// is a `KVM_RUN` with `immediate_exit` set, which returns EINTR without entering the guest.
+    /// Once per VM: after any `KVM_RUN` of the VM has returned it does nothing.
+    /// `RealtimeVCPUScheduler` calls it on each vCPU thread before applying a policy.
+    /// - Throws: `KVMError.ioctlFailed` when `KVM_RUN` fails with anything but EINTR.
+    public func prepareHostThread() throws(KVMError) {
+        guard !vm.hasRun.load(ordering: .acquiring) else { return }
+        try runningThread.withLock { (_) throws(KVMError) in
+            // Under the kick lock: a concurrent kick waits, so the immediate_exit it sets is
+            // neither lost when the previous value is put back nor taken as this call's.
+            let armed = rtv_run_get_immediate_exit(runArea)
+            rtv_run_set_immediate_exit(runArea, 1)
+            defer { rtv_run_set_immediate_exit(runArea, armed) }
+            let result = rtv_kvm_run(descriptor.rawValue)
+            let code = errno
+            guard result < 0, code == EINTR else {
+                throw .ioctlFailed(operation: "KVM_RUN with immediate_exit (starting KVM's per-VM workers)",
+                                   errno: Errno(rawValue: result < 0 ? code : EPROTO))
+            }
+        }
+        vm.hasRun.store(true, ordering: .releasing)
     }
 
     /// A `rep ins`/`rep outs` exit; elements outside the kvm_run area make it unsupported.
@@ -234,13 +265,122 @@ public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
         return khz > 0 ? UInt64(khz) : nil
     }
 
-    /// Guest TSC minus host TSC, in cycles: `IA32_TSC` read through `KVM_GET_MSRS` against
-    /// host `rdtsc` readings taken just before and after.
-    public func guestTSCOffset() throws -> Int64 {
-        let before = rtv_rdtsc()
-        let guest = try readMSRs([X86MSR.timeStampCounter])[0].value
-        let after = rtv_rdtsc()
-        let host = before &+ (after &- before) / 2
-        return Int64(bitPattern: guest &- host)
+    /// Guest TSC minus host TSC, with its error bound: read exactly from the kernel where it
+    /// offers the offset as a vCPU attribute, otherwise sampled (`TSCOffsetReading`).
+    ///
+    /// - Parameter method: nil (the default) reads the attribute when the kernel has it and
+    ///   samples otherwise; `.kernelAttribute` only reads the attribute (throwing
+    ///   `.ioctlFailed` where there is none); `.msrSampling` always samples (to compare, or to
+    ///   test the fallback on a kernel that has the attribute).
+    /// - Throws: `KVMError.tscOffsetUnbounded` when sampling finds no window narrow enough,
+    ///   `.tscOffsetInconsistent`, `.invalidTSCSamplingLimits`, or `.ioctlFailed`.
+    public func readTSCOffset(method: TSCOffsetMethod? = nil, limits: TSCSamplingLimits = TSCSamplingLimits()) throws(KVMError) -> TSCOffsetReading {
+        if method != .msrSampling {
+            var offset: Int64 = 0
+            let result = rtv_kvm_get_tsc_offset(descriptor.rawValue, &offset)
+            if result == 0 { return TSCOffsetReading(offset: offset, errorBound: 0, method: .kernelAttribute, samples: 1) }
+            guard result == ENXIO || result == ENOTTY || result == EINVAL else {
+                throw .ioctlFailed(operation: "KVM_GET_DEVICE_ATTR(KVM_VCPU_TSC_OFFSET)", errno: Errno(rawValue: result))
+            }
+            if method == .kernelAttribute { throw .ioctlFailed(operation: "KVM_HAS_DEVICE_ATTR(KVM_VCPU_TSC_OFFSET)", errno: Errno(rawValue: result)) }
+        }
+        return try sampleTSCOffset(limits: limits)
+    }
+
+    /// Brackets `KVM_GET_MSRS(IA32_TSC)` between two host TSC reads, many times. Each accepted
+    /// bracket (one CPU, at most `limits.maximumWindowNanoseconds` wide) says the offset lies in
+    /// [guest − after, guest − before]; the offset is the middle of the intersection of all of
+    /// them, and the bound half its width (never wider than the narrowest bracket).
+    private func sampleTSCOffset(limits: TSCSamplingLimits) throws(KVMError) -> TSCOffsetReading {
+        guard limits.samples > 0, limits.maximumAttempts > 0, limits.maximumWindowNanoseconds > 0 else { throw .invalidTSCSamplingLimits }
+        let frequency = tscFrequencyKHz().map { $0 * 1000 } ?? GuestTSCMapping.measureHostTSCFrequency()
+        let maximumWindow = UInt64(Double(limits.maximumWindowNanoseconds) * Double(frequency) / 1e9)
+        var lower = Int64.min, upper = Int64.max
+        var accepted = 0, attempts = 0, narrowest = UInt64.max
+        // One kvm_msrs buffer for all tries: only the ioctl sits between the two host reads.
+        try withFlexibleArray(header: kvm_msrs.self, entry: kvm_msr_entry.self, count: 1) { (header, entries) throws(KVMError) in
+            header.pointee.nmsrs = 1
+            entries[0].index = X86MSR.timeStampCounter
+            while accepted < limits.samples && attempts < limits.maximumAttempts {
+                attempts += 1
+                var beforeCPU: UInt32 = 0, afterCPU: UInt32 = 0
+                let before = rtv_rdtscp_fenced(&beforeCPU)
+                let read = rtv_kvm_get_msrs(descriptor.rawValue, header)
+                let after = rtv_rdtscp_fenced(&afterCPU)
+                guard read == 1 else {
+                    throw .ioctlFailed(operation: "KVM_GET_MSRS(IA32_TSC)", errno: Errno(rawValue: read < 0 ? errno : EIO))
+                }
+                guard beforeCPU == afterCPU, after >= before else { continue } // migrated between the reads
+                narrowest = min(narrowest, after - before)
+                guard after - before <= maximumWindow else { continue }
+                let guest = entries[0].data
+                lower = max(lower, Int64(bitPattern: guest &- after))
+                upper = min(upper, Int64(bitPattern: guest &- before))
+                accepted += 1
+            }
+        }
+        guard accepted > 0 else {
+            let narrowestNanoseconds = narrowest == .max ? UInt64.max : UInt64(Double(narrowest) * 1e9 / Double(frequency))
+            throw .tscOffsetUnbounded(narrowestWindowNanoseconds: narrowestNanoseconds, limitNanoseconds: limits.maximumWindowNanoseconds,
+                                      attempts: attempts)
+        }
+        guard lower <= upper else { throw .tscOffsetInconsistent }
+        let width = UInt64(bitPattern: upper &- lower)
+        return TSCOffsetReading(offset: lower &+ Int64(bitPattern: width / 2), errorBound: (width + 1) / 2, method: .msrSampling,
+                                samples: accepted)
+    }
+
+    /// This vCPU's TSC mapping with its error bound: the offset from `readTSCOffset()` (exact
+    /// where the kernel reports it), the frequency `frequencyHz`, else `KVM_GET_TSC_KHZ`, else
+    /// measured against `CLOCK_MONOTONIC`. Read it before the vCPU runs: a vCPU ioctl waits
+    /// while the vCPU is inside `KVM_RUN` on another thread. The mapping assumes no TSC
+    /// scaling (KVM's default: the guest TSC counts at the host's rate).
+    public func tscMapping(frequencyHz: UInt64? = nil, limits: TSCSamplingLimits = TSCSamplingLimits()) throws(KVMError) -> GuestTSCMapping {
+        let reading = try readTSCOffset(limits: limits)
+        let frequency = frequencyHz ?? tscFrequencyKHz().map { $0 * 1000 } ?? GuestTSCMapping.measureHostTSCFrequency()
+        return GuestTSCMapping(frequencyHz: frequency, guestOffset: reading.offset, offsetErrorBound: reading.errorBound)
+    }
+}
+
+/// How a guest TSC offset was obtained.
+public enum TSCOffsetMethod: String, Codable, Sendable {
+    /// `KVM_GET_DEVICE_ATTR` with `KVM_VCPU_TSC_CTRL` / `KVM_VCPU_TSC_OFFSET` (Linux 5.16 and
+    /// later): the offset KVM applies, exactly.
+    case kernelAttribute
+    /// `IA32_TSC` through `KVM_GET_MSRS`, bracketed by host TSC reads, sampled many times.
+    case msrSampling
+}
+
+/// A guest TSC offset (guest TSC − host TSC, ticks) and how far from the truth it may be.
+public struct TSCOffsetReading: Equatable, Sendable {
+    /// The offset, in TSC ticks.
+    public var offset: Int64
+    /// The true offset lies within `offset ± errorBound` ticks (0: exact).
+    public var errorBound: UInt64
+    /// How it was obtained.
+    public var method: TSCOffsetMethod
+    /// Brackets that went into it (1 for the kernel attribute).
+    public var samples: Int
+
+    /// A reading.
+    public init(offset: Int64, errorBound: UInt64, method: TSCOffsetMethod, samples: Int) {
+        self.offset = offset; self.errorBound = errorBound; self.method = method; self.samples = samples
+    }
+}
+
+/// How `KVMVirtualCPU.readTSCOffset` samples when the kernel does not report the offset.
+public struct TSCSamplingLimits: Equatable, Sendable {
+    /// Accepted brackets to collect.
+    public var samples: Int
+    /// Brackets to try at most.
+    public var maximumAttempts: Int
+    /// Widest accepted bracket, nanoseconds: a wider one (the thread was preempted, or the
+    /// ioctl was slow) is rejected. The error bound is at most half of it.
+    public var maximumWindowNanoseconds: UInt64
+
+    /// Limits; the defaults collect 32 brackets of at most 10 µs in at most 2,000 tries (one
+    /// `KVM_GET_MSRS` takes about 5 µs on a nested `kvm_pvm` host, ~1 µs on bare metal).
+    public init(samples: Int = 32, maximumAttempts: Int = 2_000, maximumWindowNanoseconds: UInt64 = 10_000) {
+        self.samples = samples; self.maximumAttempts = maximumAttempts; self.maximumWindowNanoseconds = maximumWindowNanoseconds
     }
 }

@@ -29,6 +29,8 @@ public final class KVMVirtualMachine: VirtualMachine {
         var hasInterruptController = false
     }
     private let bookkeeping = Mutex(Bookkeeping())
+    /// Whether a `KVM_RUN` of this VM has returned (so KVM has started its per-VM workers).
+    let hasRun = Atomic<Bool>(false)
 
     /// The guest-physical address KVM may use for the real-mode TSS on Intel (3 pages below 4 GiB).
     public static let tssAddress: UInt = 0xfffb_d000

@@ -49,4 +49,15 @@ public protocol VirtualCPU: AnyObject, Sendable {
     func readMSRs(_ indices: [UInt32]) throws -> [X86MSR]
     /// Writes the given MSRs.
     func writeMSRs(_ msrs: [X86MSR]) throws
+
+    /// Does on the calling thread, without running the guest, the setup the hypervisor does at
+    /// a VM's first run, so that helper tasks it starts then (KVM's per-VM workers) inherit
+    /// this thread's cgroups, scheduling class and affinity. Called on a vCPU thread before a
+    /// real-time policy is applied to it. Does nothing by default.
+    func prepareHostThread() throws
+}
+
+extension VirtualCPU {
+    /// Nothing to prepare.
+    public func prepareHostThread() throws {}
 }

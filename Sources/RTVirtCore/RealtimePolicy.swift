@@ -64,6 +64,9 @@ public struct SavedThreadScheduling: Equatable, Sendable {
 /// Applies a `RealtimePolicy` to the calling thread, in the order that keeps each step in
 /// force: join the partition (a cgroup move can reset affinity), set affinity, then the
 /// scheduling class; timer slack and memory locking last. Restores what it saved.
+///
+/// The class is set with `SCHED_RESET_ON_FORK`: threads and kernel workers created from the
+/// thread later start as SCHED_OTHER instead of inheriting it.
 public enum RealtimeThreadPolicy {
     /// Applies `policy` to the calling thread. On failure, undoes what it did and throws.
     public static func apply(_ policy: RealtimePolicy, partition: (any CPUPartitionAssigner)? = nil) throws -> SavedThreadScheduling {
@@ -74,7 +77,8 @@ public enum RealtimeThreadPolicy {
                 saved.joinedPartition = true
             }
             if let cpus = policy.cpus { try ThreadScheduling.setAffinity(cpus) }
-            try ThreadScheduling.setSchedulingClass(policy.schedulingClass)
+            // Reset on fork: nothing created from a vCPU thread inherits its real-time class.
+            try ThreadScheduling.setSchedulingClass(policy.schedulingClass, resetOnFork: true)
             if let slack = policy.timerSlackNanoseconds { try ThreadScheduling.setTimerSlack(max(slack, 1)) }
             if policy.lockMemory { try ThreadScheduling.lockAllMemory() }
         } catch {
@@ -96,6 +100,10 @@ public enum RealtimeThreadPolicy {
 /// Real-time policies for the vCPUs of one VM: gives `VirtualMachineRunner` the hooks that
 /// apply each vCPU's policy on its own thread and restore the thread when it stops. vCPUs
 /// without a policy are left alone.
+///
+/// Before a policy is applied, the vCPU's `prepareHostThread()` runs on the thread, so that
+/// the tasks the hypervisor starts at the VM's first run (KVM's `kvm-nx-lpage-recovery`) are
+/// created from an ordinary thread and stay out of the real-time partition and class.
 public final class RealtimeVCPUScheduler: Sendable {
     /// What happened to one vCPU's thread.
     public enum Status: Equatable, Sendable {
@@ -133,7 +141,7 @@ public final class RealtimeVCPUScheduler: Sendable {
     /// For `VirtualMachineRunner(onThreadStart:)`.
     public func threadStarted(_ vcpu: any VirtualCPU) {
         guard let policy = policies[vcpu.id], policy.activation == .atStart else { return }
-        applyOnCurrentThread(vcpu: vcpu.id, policy: policy)
+        applyOnCurrentThread(vcpu: vcpu, policy: policy)
     }
 
     /// For `VirtualMachineRunner(onThreadEnd:)`.
@@ -154,15 +162,18 @@ public final class RealtimeVCPUScheduler: Sendable {
     /// Applies `vcpu`'s deferred policy on its thread at its next exit (the vCPU is kicked).
     public func activate(vcpu: Int) {
         guard let policy = policies[vcpu], let loop = loops.withLock({ $0[vcpu] }) else { return }
-        loop.performOnThread { [self] in applyOnCurrentThread(vcpu: vcpu, policy: policy) }
+        loop.performOnThread { [self] in applyOnCurrentThread(vcpu: loop.vcpu, policy: policy) }
     }
 
-    private func applyOnCurrentThread(vcpu: Int, policy: RealtimePolicy) {
+    /// First lets the hypervisor start the helper tasks of the VM's first run from this thread
+    /// while it is still an ordinary thread (`VirtualCPU.prepareHostThread`), then applies.
+    private func applyOnCurrentThread(vcpu: any VirtualCPU, policy: RealtimePolicy) {
         do {
+            try vcpu.prepareHostThread()
             let saved = try RealtimeThreadPolicy.apply(policy, partition: partition)
-            states.withLock { $0[vcpu] = VCPUState(status: .applied(threadID: saved.threadID), saved: saved) }
+            states.withLock { $0[vcpu.id] = VCPUState(status: .applied(threadID: saved.threadID), saved: saved) }
         } catch {
-            states.withLock { $0[vcpu] = VCPUState(status: .failed("\(error)"), saved: nil) }
+            states.withLock { $0[vcpu.id] = VCPUState(status: .failed("\(error)"), saved: nil) }
         }
     }
 }

@@ -79,23 +79,45 @@ public enum ThreadScheduling {
     }
 
     /// Sets the scheduling class of thread `tid`.
-    public static func setSchedulingClass(_ schedulingClass: SchedulingClass, of tid: pid_t = 0) throws(SchedulingError) {
+    ///
+    /// With `resetOnFork` (`SCHED_RESET_ON_FORK`, `SCHED_FLAG_RESET_ON_FORK` for SCHED_DEADLINE)
+    /// every task created from the thread starts as SCHED_OTHER with nice 0 instead of
+    /// inheriting the class: threads the thread starts, and kernel workers of the process created
+    /// from it, such as KVM's `kvm-nx-lpage-recovery`. A SCHED_DEADLINE thread without it cannot
+    /// create tasks at all (EAGAIN). Setting a class without it clears it.
+    public static func setSchedulingClass(_ schedulingClass: SchedulingClass, of tid: pid_t = 0,
+                                          resetOnFork: Bool = false) throws(SchedulingError) {
         let what = "set \(schedulingClass) on thread \(tid == 0 ? rtv_gettid() : tid)"
+        let flag = resetOnFork ? rtv_sched_reset_on_fork() : 0
         switch schedulingClass {
         case .other(let nice):
             var parameters = sched_param(sched_priority: 0)
-            guard sched_setscheduler(tid, SCHED_OTHER, &parameters) == 0 else { throw .from(errno, what) }
+            guard sched_setscheduler(tid, SCHED_OTHER | flag, &parameters) == 0 else { throw .from(errno, what) }
             guard setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(tid), nice) == 0 else { throw .from(errno, what) }
         case .fifo(let priority), .roundRobin(let priority):
             guard (1...99).contains(priority) else { throw .invalid(what: what) }
             var parameters = sched_param(sched_priority: priority)
             let policy = schedulingClass == .fifo(priority: priority) ? SCHED_FIFO : SCHED_RR
-            guard sched_setscheduler(tid, policy, &parameters) == 0 else { throw .from(errno, what) }
+            guard sched_setscheduler(tid, policy | flag, &parameters) == 0 else { throw .from(errno, what) }
         case let .deadline(runtime, deadline, period):
             guard runtime > 0, runtime <= deadline, deadline <= period else { throw .invalid(what: what) }
-            let result = rtv_set_deadline(tid, runtime, deadline, period)
+            let result = rtv_set_deadline(tid, runtime, deadline, period, resetOnFork ? 1 : 0)
             guard result == 0 else { throw .from(result, what) }
         }
+    }
+
+    /// Whether tasks created from thread `tid` start as SCHED_OTHER (`SCHED_RESET_ON_FORK`).
+    public static func resetsOnFork(_ tid: pid_t = 0) throws(SchedulingError) -> Bool {
+        var flag: Int32 = 0
+        let result = rtv_get_reset_on_fork(tid, &flag)
+        guard result == 0 else { throw .from(result, "sched_getattr") }
+        return flag != 0
+    }
+
+    /// Whether `schedulingClass` is a real-time class (FIFO, RR or DEADLINE).
+    public static func isRealtime(_ schedulingClass: SchedulingClass) -> Bool {
+        if case .other = schedulingClass { return false }
+        return true
     }
 
     /// The CPUs thread `tid` may run on.

@@ -70,7 +70,7 @@ public final class BundledGuestMachine: Sendable {
             vcpus.append(vcpu)
         }
         let frequency = vcpus.first?.tscFrequencyKHz().map { $0 * 1000 } ?? GuestTSCMapping.measureHostTSCFrequency()
-        tscMappings = try vcpus.map { GuestTSCMapping(frequencyHz: frequency, guestOffset: try $0.guestTSCOffset()) }
+        tscMappings = try vcpus.map { try $0.tscMapping(frequencyHz: frequency) }
         self.vm = vm
         self.vcpus = vcpus
         self.layout = layout
@@ -102,9 +102,10 @@ public final class BundledGuestMachine: Sendable {
         VMRPCSlotLayout(base: GuestLayout.rpcSlotsAddress, count: vcpuCount)
     }
 
-    /// Each vCPU's TSC mapping: its offset from `KVM_GET_MSRS(IA32_TSC)` and the frequency
-    /// from `KVM_GET_TSC_KHZ` (measured against CLOCK_MONOTONIC when KVM does not say).
-    /// Measured once before any vCPU runs: a vCPU ioctl waits while that vCPU is in `KVM_RUN`.
+    /// Each vCPU's TSC mapping from `KVMVirtualCPU.tscMapping`: the offset exactly from
+    /// `KVM_VCPU_TSC_OFFSET` where the kernel has it, else sampled with its error bound, and
+    /// the frequency from `KVM_GET_TSC_KHZ` (measured against CLOCK_MONOTONIC when KVM does
+    /// not say). Read once before any vCPU runs: a vCPU ioctl waits while that vCPU is in `KVM_RUN`.
     public let tscMappings: [GuestTSCMapping]
 
     /// A VMRPC server for this guest's slots with the standard procedures (and `extra`);

@@ -48,6 +48,11 @@ public enum BundledGuestMode: UInt64, Sendable, CaseIterable {
     /// call's `VMRPCWakeUp` result − deadline), interleaved: their difference is the return
     /// from the host into the guest.
     case cyclicLongPollRaw = 11
+    /// RSI sleeps of RDX TSC cycles each (deadline = TSC before the call + RDX) with VMRPC
+    /// `timer.sleepUntil` in its 8-byte form: no early release, no guest-side spin. Per sleep
+    /// the TSC at resume minus the deadline (signed) into the data buffer; negative means the
+    /// host released the guest before its deadline by the guest's own TSC.
+    case sleepCheck = 12
 
     /// The LCG multiplier and increment the `compute` mode uses.
     public static let lcgMultiplier: UInt64 = 6_364_136_223_846_793_005

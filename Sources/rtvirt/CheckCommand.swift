@@ -40,7 +40,7 @@ struct CheckCommand: ParsableCommand {
         func section(_ title: String) { lines.append(""); lines.append(title) }
         func item(_ ok: Bool?, _ name: String, _ value: String) {
             let mark = ok.map { $0 ? "ok  " : "warn" } ?? "    "
-            lines.append("  [\(mark)] \(name.padding(toLength: 26, withPad: " ", startingAt: 0)) \(value)")
+            lines.append("  [\(mark)] \(name.count < 26 ? name.padding(toLength: 26, withPad: " ", startingAt: 0) : name) \(value)")
         }
         let kvm = report.kvm, rt = report.realtime, cg = report.cgroups
         lines.append("RTVirt host check")
@@ -54,8 +54,17 @@ struct CheckCommand: ParsableCommand {
             item(true, "capabilities", present.joined(separator: " "))
             if !missing.isEmpty { item(false, "missing capabilities", missing.joined(separator: " ")) }
             item(nil, "max vCPUs per VM", "\(kvm.maximumVCPUs ?? 0)")
+            switch kvm.tscOffsetMethod {
+            case .kernelAttribute?: item(true, "guest TSC offset", "exact: KVM_GET_DEVICE_ATTR(KVM_VCPU_TSC_OFFSET)")
+            case .msrSampling?: item(nil, "guest TSC offset", "sampled: KVM_GET_MSRS(IA32_TSC) between host TSC reads, with an error bound (rtvirt tsc-offset)")
+            case nil: item(false, "guest TSC offset", "could not be probed (no scratch vCPU)")
+            }
         }
         for (name, value) in kvm.parameters.sorted(by: { $0.key < $1.key }) { item(nil, "kvm.\(name)", value) }
+        if kvm.parameters["nx_huge_pages"] != nil {
+            lines.append("         nx_huge_pages* govern KVM's per-VM kvm-nx-lpage-recovery worker, started at a VM's first KVM_RUN;")
+            lines.append("         RTVirt starts it before a vCPU turns real-time, so it stays out of RT partitions (Docs/CgroupScheduler.md)")
+        }
 
         section("Real-time scheduling")
         item(rt.fifoPermitted, "SCHED_FIFO", rt.fifoPermitted ? "permitted" : (rt.fifoError ?? "not permitted"))

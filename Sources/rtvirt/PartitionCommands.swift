@@ -76,21 +76,33 @@ struct PartitionCommand: ParsableCommand {
         if dryRun { return }
         let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)
         print("created \(partition.realtimeGroup) and \(partition.housekeepingGroup)")
-        print(String(format: "removed again in %.2f ms", Double(partition.remove()) / 1e6))
+        print(String(format: "removed again in %.2f ms", Double(try partition.remove()) / 1e6))
     }
 }
 
 /// What `rtvirt runaway --json` prints.
 struct RunawayReport: Codable {
-    struct Phase: Codable {
+    /// One phase: CPU time over wall time of the vCPU thread and of the housekeeping thread on
+    /// the real-time CPU, from `/proc/self/task/TID/schedstat` over the same interval.
+    struct Phase: Codable, Equatable {
+        /// The interval's wall time, seconds.
+        var seconds: Double
+        /// The housekeeping thread's CPU time / wall time.
         var housekeepingShare: Double
-        var throttledPeriods: Int64?
-        var cpuStat: [String: Int64]?
+        /// The spinning vCPU thread's CPU time / wall time: at most its RT budget (plus a
+        /// little) when RT throttling works. This is the evidence `nr_throttled` cannot give on
+        /// cgroup v1, where it counts CFS bandwidth throttling only.
+        var vcpuShare: Double
+        /// Steal time on the real-time CPU / wall time (`/proc/stat`); what neither thread got
+        /// because the hypervisor below ran something else.
+        var stealShare: Double?
     }
     var kvmModule: String
     var budget: String
     var cpu: Int
     var seconds: Double
+    /// `kernel.sched_rt_runtime_us / sched_rt_period_us`: the vCPU's share without a partition.
+    var globalRTFraction: Double
     var withPartition: Phase
     var withoutPartition: Phase
     var cleanupMs: Double
@@ -103,9 +115,10 @@ struct RunawayCommand: ParsableCommand {
         commandName: "runaway",
         abstract: "A guest spinning forever on a SCHED_FIFO vCPU: with an RT-budget partition the host keeps its CPU; without, it mostly does not.",
         discussion: """
-            A housekeeping thread (SCHED_OTHER) pinned to the real-time CPU counts its progress; its share is that \
-            progress relative to the same CPU when idle. First with a partition (--budget on that CPU), then with plain \
-            SCHED_FIFO under only the global kernel.sched_rt_runtime_us. Everything is cleaned up, also on errors.
+            A housekeeping thread (SCHED_OTHER) spins on the real-time CPU next to the vCPU. Both threads' CPU time over \
+            wall time comes from /proc/self/task/TID/schedstat over the same interval. First with a partition (--budget \
+            on that CPU), then with plain SCHED_FIFO under only the global kernel.sched_rt_runtime_us. The VM is torn down \
+            before its partition is removed; everything is cleaned up, also on errors.
             """)
 
     @Option(help: "RT budget of the partition.")
@@ -119,6 +132,10 @@ struct RunawayCommand: ParsableCommand {
 
     @Flag(help: "Print one JSON object.")
     var json = false
+
+    func validate() throws {
+        guard seconds > 0, seconds <= 3600 else { throw ValidationError("--seconds must be in (0, 3600]") }
+    }
 
     func run() throws {
         let hierarchy = CgroupHierarchy.detect()
@@ -135,102 +152,164 @@ struct RunawayCommand: ParsableCommand {
         let module = KVMHostInfo.detectModule()
         if !json { print("KVM backend: \(module.rawValue); real-time CPU \(rtCPU); budget \(budget); \(seconds) s per phase") }
 
-        let idleRate = try ProgressCounter.rate(cpu: rtCPU, seconds: min(seconds, 0.5))
-        // With the partition.
+        // With the partition. The VM is gone when `measure` returns; then the partition goes.
         let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)
-        var cleanupMs = 0.0
-        var withPhase = RunawayReport.Phase(housekeepingShare: 0)
         var numaMessage = ""
+        let withPhase: RunawayReport.Phase
+        let cleanupMs: Double
         do {
-            defer {
-                // Whatever happened, stop the guest and remove the partition; time it.
-                cleanupMs = cleanupMs == 0 ? Double(partition.remove()) / 1e6 : cleanupMs
+            let run: RunawayRun
+            do {
+                run = try Self.measure(system: system, cpu: rtCPU, seconds: seconds, partition: partition) { machine in
+                    // Guest memory on the plan's node (libnuma); a no-op that says so on one-node hosts.
+                    let region = machine.vm.memoryRegions[0]
+                    numaMessage = NUMABinding.bindMemory(region.mapping.pointer, size: Int(region.size), node: plan.memoryNode ?? 0)
+                }
+            } catch {
+                _ = try? partition.remove()
+                throw error
             }
-            let rate = try Self.measure(system: system, cpu: rtCPU, seconds: seconds, partition: partition, onMachine: { machine in
-                // Guest memory on the plan's node (libnuma); a no-op that says so on one-node hosts.
-                let region = machine.vm.memoryRegions[0]
-                numaMessage = NUMABinding.bindMemory(region.mapping.pointer, size: Int(region.size), node: plan.memoryNode ?? 0)
-            }) { stopStart in
-                let stopNanoseconds = monotonicNanoseconds() - stopStart
-                cleanupMs = Double(stopNanoseconds + partition.remove()) / 1e6
-            } statBeforeCleanup: {
-                withPhase.cpuStat = Self.cpuStat(backend: backend, group: partition.realtimeGroup)
-            }
-            withPhase.housekeepingShare = rate / idleRate
-            withPhase.throttledPeriods = withPhase.cpuStat?["nr_throttled"]
+            withPhase = run.phase
+            let removal = try partition.remove()
+            cleanupMs = Double(run.stopNanoseconds + removal) / 1e6
         }
         let leftovers = CgroupPartition.allVMGroups(backend: backend).filter { $0.hasPrefix("rtvirt/runaway-") }.count
         // Without: plain SCHED_FIFO under only the global limit.
-        let withoutRate = try Self.measure(system: system, cpu: rtCPU, seconds: seconds, partition: nil) { _ in } statBeforeCleanup: {}
+        let withoutPhase = try Self.measure(system: system, cpu: rtCPU, seconds: seconds, partition: nil).phase
+        let files = HostFiles()
+        let globalRuntime = Double(files.readInteger("/proc/sys/kernel/sched_rt_runtime_us") ?? 950_000)
+        let globalPeriod = Double(files.readInteger("/proc/sys/kernel/sched_rt_period_us") ?? 1_000_000)
         let report = RunawayReport(kvmModule: module.rawValue, budget: budget.description, cpu: rtCPU, seconds: seconds,
-                                   withPartition: withPhase,
-                                   withoutPartition: RunawayReport.Phase(housekeepingShare: withoutRate / idleRate),
+                                   globalRTFraction: globalRuntime < 0 ? 1 : globalRuntime / globalPeriod,
+                                   withPartition: withPhase, withoutPartition: withoutPhase,
                                    cleanupMs: cleanupMs, leftoverGroups: leftovers, numa: numaMessage)
         if json {
             try printJSON(report)
             return
         }
-        print(String(format: "with partition:    housekeeping got %.2f of CPU %d; cpu.stat nr_throttled %@", report.withPartition.housekeepingShare,
-                     rtCPU, report.withPartition.throttledPeriods.map(String.init) ?? "n/a"))
-        print(String(format: "without partition: housekeeping got %.2f of CPU %d (global sched_rt_runtime_us only)", report.withoutPartition.housekeepingShare, rtCPU))
-        print(String(format: "stop to everything cleaned: %.2f ms; leftover groups: %d", cleanupMs, leftovers))
+        func line(_ phase: RunawayReport.Phase) -> String {
+            String(format: "vCPU %.2f, housekeeping %.2f, steal %@ of CPU %d over %.2f s", phase.vcpuShare, phase.housekeepingShare,
+                   phase.stealShare.map { String(format: "%.2f", $0) } ?? "n/a", rtCPU, phase.seconds)
+        }
+        print("with partition:    \(line(withPhase)) (budget \(String(format: "%.2f", budget.fraction)))")
+        print("without partition: \(line(withoutPhase)) (global sched_rt_runtime_us \(String(format: "%.2f", report.globalRTFraction)))")
+        print(String(format: "stop to everything cleaned (vCPU stopped, VM torn down, partition removed): %.2f ms; leftover groups: %d",
+                     cleanupMs, leftovers))
         print("NUMA: \(numaMessage)")
     }
 
+    /// What one phase measured, and how long stopping the vCPU and tearing the VM down took.
+    struct RunawayRun {
+        var phase: RunawayReport.Phase
+        var stopNanoseconds: UInt64
+    }
+
     /// Runs a spinning guest on a SCHED_FIFO vCPU pinned to `cpu` (in `partition` if given)
-    /// while a counter on the same CPU runs; returns the counter's rate.
+    /// next to a SCHED_OTHER housekeeping thread pinned to the same CPU, and measures both
+    /// threads' CPU time over `seconds`. Returns when the vCPU has stopped and the VM is gone.
     static func measure(system: KVMSystem, cpu: Int, seconds: Double, partition: CgroupPartition?,
-                        onMachine: (BundledGuestMachine) -> Void = { _ in },
-                        stopped: (UInt64) -> Void, statBeforeCleanup: () -> Void) throws -> Double {
+                        onMachine: (BundledGuestMachine) -> Void = { _ in }) throws -> RunawayRun {
+        var stopStart: UInt64 = 0
+        let phase = try measureWithMachine(system: system, cpu: cpu, seconds: seconds, partition: partition,
+                                           onMachine: onMachine, stopping: { stopStart = monotonicNanoseconds() })
+        // The runner and the machine are released: vCPU threads joined, descriptors closed, and
+        // with them KVM's per-VM worker.
+        return RunawayRun(phase: phase, stopNanoseconds: monotonicNanoseconds() - stopStart)
+    }
+
+    private static func measureWithMachine(system: KVMSystem, cpu: Int, seconds: Double, partition: CgroupPartition?,
+                                           onMachine: (BundledGuestMachine) -> Void, stopping: () -> Void) throws -> RunawayReport.Phase {
         let machine = try BundledGuestMachine(system: system, vcpus: [BundledGuestVCPU(mode: .spin)])
         onMachine(machine)
         let scheduler = RealtimeVCPUScheduler(policies: [0: RealtimePolicy(schedulingClass: .fifo(priority: 10), cpus: [cpu])],
                                               partition: partition)
         let runner = try VirtualMachineRunner(vcpus: machine.vcpus, bus: machine.makeBus(),
                                               onThreadStart: scheduler.threadStarted, onThreadEnd: scheduler.threadEnded)
-        let rate: Double
-        do {
-            defer {
-                statBeforeCleanup()
-                let stopStart = monotonicNanoseconds()
-                runner.stop()
-                runner.waitForAll()
-                stopped(stopStart)
-            }
-            usleep(50_000)
-            if case .failed(let message) = scheduler.status(vcpu: 0) { throw ValidationError("real-time policy: \(message)") }
-            rate = try ProgressCounter.rate(cpu: cpu, seconds: seconds)
+        defer {
+            stopping()
+            runner.stop()
+            runner.waitForAll()
         }
-        return rate
-    }
-
-    static func cpuStat(backend: any CgroupBackend, group: String) -> [String: Int64]? {
-        guard let text = HostFiles().read((CgroupHierarchy.detect().v1Mount(for: "cpu")?.path ?? "") + "/" + group + "/cpu.stat") else { return nil }
-        var stat: [String: Int64] = [:]
-        for line in text.split(separator: "\n") {
-            let parts = line.split(separator: " ")
-            if parts.count == 2, let value = Int64(parts[1]) { stat[String(parts[0])] = value }
+        let vcpuThread = runner.threads[0].kernelThreadID
+        let deadline = monotonicNanoseconds() + 5_000_000_000
+        while scheduler.status(vcpu: 0) == .untouched && monotonicNanoseconds() < deadline { usleep(1000) }
+        switch scheduler.status(vcpu: 0) {
+        case .applied: break
+        case .failed(let message): throw ValidationError("real-time policy: \(message)")
+        case let other: throw ValidationError("real-time policy not applied within 5 s (\(other))")
         }
-        return stat
+        let housekeeping = try CPUSpinner(cpu: cpu)
+        defer { housekeeping.stop() }
+        usleep(50_000) // both threads are running on the CPU
+        let start = CPUTimeSample(threads: [vcpuThread, housekeeping.threadID], cpu: cpu)
+        usleep(UInt32(min(seconds * 1e6, Double(UInt32.max))))
+        let end = CPUTimeSample(threads: [vcpuThread, housekeeping.threadID], cpu: cpu)
+        return end.phase(since: start, vcpuThread: vcpuThread, housekeepingThread: housekeeping.threadID)
     }
 }
 
-/// A SCHED_OTHER thread pinned to one CPU that counts loop iterations.
-enum ProgressCounter {
-    /// Iterations per second over `seconds`.
-    static func rate(cpu: Int, seconds: Double) throws -> Double {
-        let result = Mutex<Double>(0)
-        let thread = try HostThread(name: "housekeeping") {
-            try? ThreadScheduling.setAffinity([cpu])
-            let start = monotonicNanoseconds(), end = start + UInt64(seconds * 1e9)
-            var count: UInt64 = 0, now = start
-            while now < end {
-                for _ in 0..<10_000 { count &+= 1 }
-                now = monotonicNanoseconds()
+/// CPU times of some threads (`/proc/self/task/TID/schedstat`) and the steal time of a CPU
+/// (`/proc/stat`), at one instant.
+struct CPUTimeSample {
+    var wallNanoseconds: UInt64
+    var threadNanoseconds: [pid_t: UInt64]
+    var stealTicks: UInt64?
+
+    init(threads: [pid_t], cpu: Int, files: HostFiles = HostFiles()) {
+        wallNanoseconds = monotonicNanoseconds()
+        threadNanoseconds = [:]
+        for tid in threads {
+            // schedstat: time on the CPU (ns), time waiting to run (ns), timeslices.
+            if let text = files.readLine("/proc/self/task/\(tid)/schedstat"), let first = text.split(separator: " ").first {
+                threadNanoseconds[tid] = UInt64(first)
             }
-            result.withLock { $0 = Double(count) / (Double(now - start) / 1e9) }
         }
+        stealTicks = Self.steal(cpu: cpu, stat: files.read("/proc/stat") ?? "")
+    }
+
+    /// The steal column (the 8th value) of `cpuN` in `/proc/stat`, in clock ticks.
+    static func steal(cpu: Int, stat: String) -> UInt64? {
+        for line in stat.split(separator: "\n") where line.hasPrefix("cpu\(cpu) ") {
+            let values = line.split(separator: " ").dropFirst()
+            return values.count >= 8 ? UInt64(values[values.startIndex + 7]) : nil
+        }
+        return nil
+    }
+
+    /// The shares since `start`.
+    func phase(since start: CPUTimeSample, vcpuThread: pid_t, housekeepingThread: pid_t) -> RunawayReport.Phase {
+        let wall = Double(wallNanoseconds - start.wallNanoseconds)
+        func share(_ tid: pid_t) -> Double {
+            guard let end = threadNanoseconds[tid], let begin = start.threadNanoseconds[tid], end >= begin, wall > 0 else { return 0 }
+            return Double(end - begin) / wall
+        }
+        var steal: Double?
+        if let end = stealTicks, let begin = start.stealTicks, end >= begin, wall > 0 {
+            steal = Double(end - begin) / Double(sysconf(Int32(_SC_CLK_TCK))) / (wall / 1e9)
+        }
+        return RunawayReport.Phase(seconds: wall / 1e9, housekeepingShare: share(housekeepingThread), vcpuShare: share(vcpuThread),
+                                   stealShare: steal)
+    }
+}
+
+/// A SCHED_OTHER thread pinned to one CPU that spins until stopped.
+final class CPUSpinner: Sendable {
+    private final class Flag: Sendable { let running = Atomic<Bool>(true) }
+    private let flag = Flag()
+    private let thread: HostThread
+    /// The spinning thread's kernel id.
+    var threadID: pid_t { thread.kernelThreadID }
+
+    init(cpu: Int) throws {
+        let flag = flag
+        thread = try HostThread(name: "housekeeping") {
+            try? ThreadScheduling.setAffinity([cpu])
+            while flag.running.load(ordering: .relaxed) {}
+        }
+    }
+
+    func stop() {
+        flag.running.store(false, ordering: .relaxed)
         thread.join()
-        return result.withLock { $0 }
     }
 }

@@ -1,16 +1,30 @@
 import CgroupScheduler
 import Foundation
 import RTVirtCore
+import RTVirtTesting
+import Synchronization
 import XCTest
+
+/// A skip for a host feature that is absent (a failure under `RTVIRT_REQUIRE_REAL=1`).
+func unavailable(_ message: String) -> any Error {
+    RealHostRequirement.isRequired ? RealHostRequirement.Missing(message) : XCTSkip(message)
+}
 
 /// Skips unless this host has cgroup v1 cpuset and cpu with RT group scheduling, and we are root.
 func realHierarchyOrSkip() throws -> CgroupHierarchy {
     let hierarchy = CgroupHierarchy.detect()
-    guard geteuid() == 0 else { throw XCTSkip("real-cgroup test skipped: needs root to create cgroups") }
+    guard geteuid() == 0 else { throw unavailable("real-cgroup test skipped: needs root to create cgroups") }
     guard hierarchy.v1Mount(for: "cpuset") != nil, hierarchy.v1Mount(for: "cpu") != nil, hierarchy.rtGroupScheduling else {
-        throw XCTSkip("real-cgroup test skipped: cgroup v1 cpuset + cpu with cpu.rt_runtime_us is not available here (layout \(hierarchy.layout))")
+        throw unavailable("real-cgroup test skipped: cgroup v1 cpuset + cpu with cpu.rt_runtime_us is not available here (layout \(hierarchy.layout))")
     }
     return hierarchy
+}
+
+/// The online CPUs, or a skip when there is only one (a partition needs a second for housekeeping).
+func twoCPUsOrSkip() throws -> CPUSet {
+    let online = try ThreadScheduling.affinity()
+    guard online.cpus.count >= 2 else { throw unavailable("real-cgroup test skipped: a second CPU is not available") }
+    return online
 }
 
 final class PartitionPlanTests: XCTestCase {
@@ -86,13 +100,66 @@ final class CgroupFileBackendTests: XCTestCase {
         XCTAssertEqual(backend.value(name: "cpu.rt_runtime_us", group: "rtvirt", controller: "cpu"), "500000")
         XCTAssertEqual(CgroupPartition.leftoverGroups(backend: backend), [], "our own process is alive")
         XCTAssertEqual(CgroupPartition.leftoverGroups(backend: backend, isAlive: { _ in false }), [partition.vmGroup])
-        partition.remove()
+        try partition.remove()
         XCTAssertFalse(FileManager.default.fileExists(atPath: "\(root)/cpu/rtvirt"), "everything under rtvirt is gone")
         XCTAssertTrue(FileManager.default.fileExists(atPath: "\(root)/cpu/cpu.rt_runtime_us"), "nothing outside it is touched")
         XCTAssertThrowsError(try backend.createGroup("../escape", controller: "cpu")) {
             XCTAssertEqual($0 as? CgroupError, .outsideSubtree("../escape"))
         }
         XCTAssertThrowsError(try backend.setValue("1", name: "tasks", group: "", controller: "cpu"))
+    }
+
+    /// A task the partition cannot move out keeps the whole partition, budgets included; once
+    /// it is gone, removal completes.
+    func testRemovalWithATaskItCannotMoveGivesNoBudgetBack() throws {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("rtvirt-cg-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        for controller in ["cpu", "cpuset"] {
+            try FileManager.default.createDirectory(atPath: "\(root)/\(controller)", withIntermediateDirectories: true)
+        }
+        let backend = FileCgroupBackend(mounts: ["cpu": "\(root)/cpu", "cpuset": "\(root)/cpuset"])
+        let hierarchy = CgroupHierarchy(layout: .v1, mounts: [CgroupMount(path: "\(root)/cpu", version: 1, controllers: ["cpu"]),
+                                                              CgroupMount(path: "\(root)/cpuset", version: 1, controllers: ["cpuset"])],
+                                        rtGroupScheduling: true)
+        let plan = PartitionPlan(name: "busy", realtimeCPUs: [1], housekeepingCPUs: [0], budget: RTBudget(parsing: "50ms/100ms")!)
+        let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)
+        // A plain file does not let the task go the way the kernel would: it stays listed.
+        let stuck = "\(root)/cpu/\(partition.realtimeGroup)/tasks"
+        try "1073741824\n".write(toFile: stuck, atomically: true, encoding: .utf8)
+        XCTAssertEqual(backend.tasks(in: partition.realtimeGroup, controller: "cpu"), [1_073_741_824])
+        XCTAssertThrowsError(try partition.remove()) {
+            XCTAssertEqual($0 as? CgroupError, .partitionBusy(group: partition.realtimeGroup, tasks: [1_073_741_824]))
+        }
+        XCTAssertEqual(backend.value(name: "cpu.rt_runtime_us", group: partition.realtimeGroup, controller: "cpu"), "50000")
+        XCTAssertEqual(backend.value(name: "cpu.rt_runtime_us", group: partition.vmGroup, controller: "cpu"), "500000")
+        XCTAssertEqual(backend.value(name: "cpu.rt_runtime_us", group: "rtvirt", controller: "cpu"), "500000", "no budget given back")
+        try FileManager.default.removeItem(atPath: stuck)
+        try partition.remove()
+        XCTAssertFalse(FileManager.default.fileExists(atPath: "\(root)/cpu/rtvirt"), "the second removal completes")
+        XCTAssertNoThrow(try partition.remove(), "removing again does nothing")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: "\(root)/cpu/rtvirt"))
+    }
+
+    /// The shared group keeps exactly what the VM groups left in it hold.
+    func testRemovalSettlesTheSharedGroupOnWhatRemains() throws {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("rtvirt-cg-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        for controller in ["cpu", "cpuset"] {
+            try FileManager.default.createDirectory(atPath: "\(root)/\(controller)/rtvirt/other-1", withIntermediateDirectories: true)
+        }
+        // Another live VM group holds 200 ms; the shared group has 400 ms (drifted: 200 ms too many).
+        try "200000\n".write(toFile: "\(root)/cpu/rtvirt/other-1/cpu.rt_runtime_us", atomically: true, encoding: .utf8)
+        try "400000\n".write(toFile: "\(root)/cpu/rtvirt/cpu.rt_runtime_us", atomically: true, encoding: .utf8)
+        let backend = FileCgroupBackend(mounts: ["cpu": "\(root)/cpu", "cpuset": "\(root)/cpuset"])
+        let hierarchy = CgroupHierarchy(layout: .v1, mounts: [CgroupMount(path: "\(root)/cpu", version: 1, controllers: ["cpu"]),
+                                                              CgroupMount(path: "\(root)/cpuset", version: 1, controllers: ["cpuset"])],
+                                        rtGroupScheduling: true)
+        let plan = PartitionPlan(name: "settle", realtimeCPUs: [1], housekeepingCPUs: [0], budget: RTBudget(parsing: "50ms/100ms")!)
+        let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend) // pid 1 is alive: other-1 is no leftover
+        XCTAssertEqual(backend.value(name: "cpu.rt_runtime_us", group: "rtvirt", controller: "cpu"), "900000")
+        try partition.remove()
+        XCTAssertEqual(backend.value(name: "cpu.rt_runtime_us", group: "rtvirt", controller: "cpu"), "200000")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: "\(root)/cpu/rtvirt/other-1"), "the other VM's group stays")
     }
 
     func testV2OnlyHierarchyIsRefusedWithAReason() {
@@ -110,12 +177,11 @@ final class RealCgroupPartitionTests: XCTestCase {
     func testPartitionOnTheRealHierarchyPlacesThreadsAndCleansUp() throws {
         let hierarchy = try realHierarchyOrSkip()
         let backend = try LibcgroupBackend(hierarchy: hierarchy)
-        let online = try ThreadScheduling.affinity()
-        guard online.cpus.count >= 2 else { throw XCTSkip("real-cgroup test skipped: a second CPU is not available") }
+        let online = try twoCPUsOrSkip()
         let plan = PartitionPlan(name: "unittest", realtimeCPUs: [online.cpus.last!], housekeepingCPUs: [online.cpus.first!],
                                  budget: RTBudget(parsing: "50ms/100ms")!)
         let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)
-        defer { partition.remove() }
+        defer { _ = try? partition.remove() }
         let phase = ConditionLock(0)
         let thread = try HostThread(name: "in-partition") {
             phase.wait(until: { $0 == 1 }) { _, _ in }
@@ -134,8 +200,72 @@ final class RealCgroupPartitionTests: XCTestCase {
         XCTAssertFalse(after.contains("rtvirt"), after)
         phase.withLockAndBroadcast { $0 = 1 }
         thread.join()
-        let milliseconds = Double(partition.remove()) / 1e6
+        let milliseconds = Double(try partition.remove()) / 1e6
         print("partition removed in \(milliseconds) ms")
         XCTAssertEqual(CgroupPartition.allVMGroups(backend: backend).filter { $0.hasPrefix("rtvirt/unittest-") }, [])
+    }
+
+    /// Threads created from a real-time thread in the partition inherit its groups (and here
+    /// its class: it is set without reset-on-fork). The partition moves them out when asked,
+    /// when the next thread is assigned, and when it is removed without any help.
+    func testTasksItDidNotPlaceAreMovedOutAndRemovalGivesTheWholeBudgetBack() throws {
+        let hierarchy = try realHierarchyOrSkip()
+        let backend = try LibcgroupBackend(hierarchy: hierarchy)
+        let online = try twoCPUsOrSkip()
+        let sharedBefore = backend.value(name: "cpu.rt_runtime_us", group: "rtvirt", controller: "cpu")
+        let plan = PartitionPlan(name: "unplaced", realtimeCPUs: [online.cpus.last!], housekeepingCPUs: [online.cpus.first!],
+                                 budget: RTBudget(parsing: "50ms/100ms")!)
+        let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)
+        defer { _ = try? partition.remove() }
+        let children = Mutex<[pid_t]>([])
+        let phase = ConditionLock(0)
+        // The parent starts a child when the phase is 1 and when it is 3, answering with 2 and 4;
+        // everyone ends at 9.
+        let parent = try HostThread(name: "rt-parent") {
+            var childThreads: [HostThread] = []
+            for request in [1, 3] {
+                phase.wait(until: { $0 == request }) { _, _ in }
+                if let child = try? HostThread(name: "rt-child", { phase.wait(until: { $0 == 9 }) { _, _ in } }) {
+                    childThreads.append(child)
+                    children.withLock { $0.append(child.kernelThreadID) }
+                }
+                phase.withLockAndBroadcast { $0 = request + 1 }
+            }
+            phase.wait(until: { $0 == 9 }) { _, _ in }
+            for child in childThreads { child.join() }
+        }
+        defer { phase.withLockAndBroadcast { $0 = 9 }; parent.join() }
+        try partition.assignRealtimeThread(parent.kernelThreadID)
+        try ThreadScheduling.setSchedulingClass(.fifo(priority: 10), of: parent.kernelThreadID) // no reset-on-fork
+        phase.withLockAndBroadcast { $0 = 1 }
+        phase.wait(until: { $0 == 2 }) { _, _ in }
+        let first = children.withLock { $0[0] }
+        XCTAssertEqual(try ThreadScheduling.schedulingClass(of: first), .fifo(priority: 10), "the child inherited the class")
+        XCTAssertEqual(Set(backend.tasks(in: partition.realtimeGroup, controller: "cpu")), [parent.kernelThreadID, first])
+        XCTAssertEqual(try partition.evictUnplacedTasks(), [first])
+        XCTAssertEqual(backend.tasks(in: partition.realtimeGroup, controller: "cpu"), [parent.kernelThreadID])
+        XCTAssertEqual(backend.tasks(in: partition.realtimeGroup, controller: "cpuset"), [parent.kernelThreadID])
+        XCTAssertTrue(backend.tasks(in: partition.housekeepingGroup, controller: "cpu").contains(first))
+        XCTAssertEqual(try ThreadScheduling.schedulingClass(of: first), .other(nice: 0))
+        XCTAssertEqual(try ThreadScheduling.affinity(of: first), plan.housekeepingCPUs, "the housekeeping cpuset confines it")
+
+        // A second child; then the partition is removed while the parent is still SCHED_FIFO in it.
+        phase.withLockAndBroadcast { $0 = 3 }
+        phase.wait(until: { $0 == 4 }) { _, _ in }
+        XCTAssertEqual(children.withLock { $0.count }, 2)
+        let second = children.withLock { $0[1] }
+        XCTAssertTrue(backend.tasks(in: partition.realtimeGroup, controller: "cpu").contains(second))
+        try partition.remove()
+        for tid in [parent.kernelThreadID, first, second] {
+            let groups = try String(contentsOfFile: "/proc/self/task/\(tid)/cgroup", encoding: .utf8)
+            XCTAssertFalse(groups.contains("rtvirt/unplaced-"), "\(tid) is out: \(groups)")
+        }
+        XCTAssertEqual(try ThreadScheduling.schedulingClass(of: second), .other(nice: 0), "an unplaced task leaves with SCHED_OTHER")
+        XCTAssertEqual(try ThreadScheduling.schedulingClass(of: parent.kernelThreadID), .fifo(priority: 10),
+                       "the assigned thread goes back where it came from as it is")
+        try ThreadScheduling.setSchedulingClass(.other(), of: parent.kernelThreadID)
+        XCTAssertEqual(CgroupPartition.allVMGroups(backend: backend).filter { $0.hasPrefix("rtvirt/unplaced-") }, [])
+        XCTAssertEqual(backend.value(name: "cpu.rt_runtime_us", group: "rtvirt", controller: "cpu"), sharedBefore,
+                       "the whole budget went back (or the shared group went away with the last partition)")
     }
 }

@@ -103,6 +103,22 @@ final class KVMHostInfoTests: XCTestCase {
         try FileManager.default.createDirectory(atPath: root + "/sys/module/kvm_pvm", withIntermediateDirectories: true)
         XCTAssertEqual(KVMHostInfo.detectModule(files: HostFiles(root: root)), .pvm)
         XCTAssertTrue(KVMModule.pvm.implication.contains("nested"))
+        for module in [KVMModule.pvm, .intel, .amd] {
+            XCTAssertTrue(module.implication.contains("not measured here"), "fixed figures are labelled typical: \(module)")
+        }
+    }
+
+    func testInspectReadsTheNXHugePageParameters() throws {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("rtvirt-kvm-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let parameters = root + "/sys/module/kvm/parameters"
+        try FileManager.default.createDirectory(atPath: parameters, withIntermediateDirectories: true)
+        try "N\n".write(toFile: parameters + "/nx_huge_pages", atomically: true, encoding: .utf8)
+        try "60\n".write(toFile: parameters + "/nx_huge_pages_recovery_ratio", atomically: true, encoding: .utf8)
+        let info = KVMHostInfo.inspect(path: "/nonexistent/kvm", files: HostFiles(root: root))
+        XCTAssertEqual(info.parameters["nx_huge_pages"], "N")
+        XCTAssertEqual(info.parameters["nx_huge_pages_recovery_ratio"], "60")
+        XCTAssertNil(info.parameters["halt_poll_ns"], "absent parameters are left out")
     }
 
     func testInspectReportsAMissingDevice() {

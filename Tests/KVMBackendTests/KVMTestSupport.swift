@@ -1,14 +1,20 @@
 import KVMBackend
 import RTVirtCore
+import RTVirtTesting
 import XCTest
 
-/// Opens /dev/kvm, or skips the test naming what is missing.
+/// A skip for a host feature that is absent (a failure under `RTVIRT_REQUIRE_REAL=1`).
+func unavailable(_ message: String) -> any Error {
+    RealHostRequirement.isRequired ? RealHostRequirement.Missing(message) : XCTSkip(message)
+}
+
+/// Opens /dev/kvm, or skips the test naming what is missing. Any other error fails the test.
 func openKVMOrSkip() throws -> KVMSystem {
     do {
         return try KVMSystem()
     } catch .deviceMissing(let path) {
-        throw XCTSkip("real-KVM test skipped: \(path) is not present on this machine")
+        throw unavailable("real-KVM test skipped: \(path) is not present on this machine")
     } catch .permissionDenied(let path) {
-        throw XCTSkip("real-KVM test skipped: no permission to open \(path) (run as root or join its group)")
+        throw unavailable("real-KVM test skipped: no permission to open \(path) (run as root or join its group)")
     }
 }

@@ -3,10 +3,29 @@ import RTVirtTesting
 import Synchronization
 import XCTest
 
-/// Skips unless this process may use real-time scheduling.
+/// A skip for a host feature that is absent (a failure under `RTVIRT_REQUIRE_REAL=1`).
+func unavailable(_ message: String) -> any Error {
+    RealHostRequirement.isRequired ? RealHostRequirement.Missing(message) : XCTSkip(message)
+}
+
+/// Skips when this process may not use real-time scheduling (EPERM: not root, no CAP_SYS_NICE,
+/// RLIMIT_RTPRIO 0). Any other error of the probe fails the test.
 func requireRealtimeOrSkip() throws {
-    guard RealtimeSchedulingProbe.tryFIFO().permitted else {
-        throw XCTSkip("real-time scheduling test skipped: SCHED_FIFO is not permitted here (needs root, CAP_SYS_NICE or RLIMIT_RTPRIO)")
+    let outcome = Mutex<SchedulingError?>(nil)
+    let thread = try HostThread(name: "rt-probe") {
+        do throws(SchedulingError) {
+            try ThreadScheduling.setSchedulingClass(.fifo(priority: 1))
+            try ThreadScheduling.setSchedulingClass(.other())
+        } catch {
+            outcome.withLock { $0 = error }
+        }
+    }
+    thread.join()
+    switch outcome.withLock({ $0 }) {
+    case nil: return
+    case .notPermitted?:
+        throw unavailable("real-time scheduling test skipped: SCHED_FIFO is not permitted here (needs root, CAP_SYS_NICE or RLIMIT_RTPRIO)")
+    case let error?: throw error
     }
 }
 
@@ -35,6 +54,30 @@ final class RealtimePolicyTests: XCTestCase {
         XCTAssertEqual(try ThreadScheduling.affinity(of: tid), onlineCPUs)
         phase.withLockAndBroadcast { $0 = 4 }
         thread.join()
+    }
+
+    /// A thread created from a real-time vCPU thread (or a kernel worker, such as KVM's
+    /// kvm-nx-lpage-recovery) must not inherit its real-time class.
+    func testThreadsCreatedFromARealtimeThreadStartAsSchedOther() throws {
+        try requireRealtimeOrSkip()
+        let observed = Mutex<(parent: SchedulingClass?, resets: Bool?, child: SchedulingClass?, restoredResets: Bool?)>((nil, nil, nil, nil))
+        let thread = try HostThread(name: "rt-parent") {
+            guard let saved = try? RealtimeThreadPolicy.apply(RealtimePolicy(schedulingClass: .fifo(priority: 20))) else { return }
+            let childClass = Mutex<SchedulingClass?>(nil)
+            if let child = try? HostThread(name: "rt-child", { childClass.withLock { $0 = try? ThreadScheduling.schedulingClass() } }) {
+                child.join()
+            }
+            let parent = try? ThreadScheduling.schedulingClass(), resets = try? ThreadScheduling.resetsOnFork()
+            RealtimeThreadPolicy.restore(saved)
+            let restoredResets = try? ThreadScheduling.resetsOnFork()
+            observed.withLock { $0 = (parent, resets, childClass.withLock { $0 }, restoredResets) }
+        }
+        thread.join()
+        let result = observed.withLock { $0 }
+        XCTAssertEqual(result.parent, .fifo(priority: 20), "the policy was applied")
+        XCTAssertEqual(result.resets, true)
+        XCTAssertEqual(result.child, .other(nice: 0), "the child did not inherit SCHED_FIFO")
+        XCTAssertEqual(result.restoredResets, false, "restoring the thread clears the flag")
     }
 
     func testTimerSlackZeroMeansMinimumNotDefault() throws {
@@ -103,7 +146,12 @@ final class RealtimePolicyTests: XCTestCase {
         thread.join()
         switch outcome.withLock({ $0 }) {
         case .success(let value)?: XCTAssertEqual(value, .deadline(runtime: 100_000, deadline: 1_000_000, period: 1_000_000))
-        case .failure(let error)?: throw XCTSkip("SCHED_DEADLINE is not available (not admitted) on this host: \(error)")
+        case .failure(.notPermitted)? where geteuid() != 0:
+            // SCHED_DEADLINE needs CAP_SYS_NICE; RLIMIT_RTPRIO, which may have let SCHED_FIFO through, does not grant it.
+            throw unavailable("SCHED_DEADLINE test skipped: not root (SCHED_DEADLINE needs CAP_SYS_NICE)")
+        case .failure(let error)?:
+            // The thread spans the whole root domain and asks for 10 % of a CPU: admission must succeed.
+            XCTFail("SCHED_DEADLINE round trip failed: \(error)")
         case nil: XCTFail("no outcome")
         }
     }

@@ -3,6 +3,7 @@
 #ifndef RTVIRT_CKVMSHIM_H
 #define RTVIRT_CKVMSHIM_H
 
+#include <errno.h>
 #include <linux/kvm.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -60,6 +61,7 @@ enum rtv_kvm_capability {
     RTV_CAP_GET_TSC_KHZ = KVM_CAP_GET_TSC_KHZ,
     RTV_CAP_MP_STATE = KVM_CAP_MP_STATE,
     RTV_CAP_SIGNAL_MSI = KVM_CAP_SIGNAL_MSI,
+    RTV_CAP_VCPU_ATTRIBUTES = 127, // KVM_CAP_VCPU_ATTRIBUTES, Linux 5.16 (older headers lack it)
 };
 
 static inline int rtv_kvm_get_tsc_khz(int vcpufd) { return ioctl(vcpufd, KVM_GET_TSC_KHZ, 0); }
@@ -91,6 +93,26 @@ enum rtv_kvm_mp_state {
     RTV_MP_STATE_HALTED = KVM_MP_STATE_HALTED,
     RTV_MP_STATE_SIPI_RECEIVED = KVM_MP_STATE_SIPI_RECEIVED,
 };
+// MARK: The guest TSC offset as a vCPU attribute (Linux 5.16+)
+
+#ifndef KVM_VCPU_TSC_CTRL
+#define KVM_VCPU_TSC_CTRL 0
+#define KVM_VCPU_TSC_OFFSET 0
+#endif
+
+/// Reads the vCPU's TSC offset (guest TSC = host TSC + offset, without TSC scaling) with
+/// KVM_HAS_DEVICE_ATTR / KVM_GET_DEVICE_ATTR (KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET).
+/// Returns 0, or the errno: ENXIO or ENOTTY when the kernel does not offer the attribute.
+static inline int rtv_kvm_get_tsc_offset(int vcpufd, int64_t *offset) {
+    uint64_t value = 0;
+    struct kvm_device_attr attribute = {
+        .group = KVM_VCPU_TSC_CTRL, .attr = KVM_VCPU_TSC_OFFSET, .addr = (uint64_t)(uintptr_t)&value,
+    };
+    if (ioctl(vcpufd, KVM_HAS_DEVICE_ATTR, &attribute) != 0) return errno;
+    if (ioctl(vcpufd, KVM_GET_DEVICE_ATTR, &attribute) != 0) return errno;
+    *offset = (int64_t)value;
+    return 0;
+}
 
 // MARK: Exit decoding
 
@@ -150,6 +172,9 @@ int rtv_kick_unblock_in_current_thread(int signo);
 
 /// Sets `immediate_exit` (sequentially consistent store).
 void rtv_run_set_immediate_exit(struct kvm_run *run, uint8_t value);
+
+/// Reads `immediate_exit` (sequentially consistent load).
+uint8_t rtv_run_get_immediate_exit(const struct kvm_run *run);
 
 /// Sends `signo` to `thread`. Returns 0 or an errno value.
 int rtv_kick_thread(pthread_t thread, int signo);

@@ -20,8 +20,14 @@ int rtv_rlimit_rtprio(void);
 int rtv_set_affinity(pid_t tid, const int *cpus, int count);
 /// sched_getaffinity(tid): writes up to `capacity` CPU numbers to `cpus`; returns how many or -errno.
 int rtv_get_affinity(pid_t tid, int *cpus, int capacity);
-/// sched_setattr(tid) for SCHED_DEADLINE with runtime/deadline/period in ns. Returns 0 or errno.
-int rtv_set_deadline(pid_t tid, uint64_t runtime, uint64_t deadline, uint64_t period);
+/// sched_setattr(tid) for SCHED_DEADLINE with runtime/deadline/period in ns, with
+/// SCHED_FLAG_RESET_ON_FORK when `reset_on_fork` is non-zero. Returns 0 or errno.
+int rtv_set_deadline(pid_t tid, uint64_t runtime, uint64_t deadline, uint64_t period, int reset_on_fork);
+/// Whether thread `tid` has SCHED_FLAG_RESET_ON_FORK (sched_getattr): 0 or 1 in `*reset_on_fork`.
+/// Returns 0 or errno.
+int rtv_get_reset_on_fork(pid_t tid, int *reset_on_fork);
+/// SCHED_RESET_ON_FORK, to OR into a sched_setscheduler policy.
+int rtv_sched_reset_on_fork(void);
 /// sched_getattr(tid): policy and (for SCHED_DEADLINE) the runtime; returns 0 or errno.
 int rtv_get_deadline(pid_t tid, uint32_t *policy, uint64_t *runtime, uint64_t *deadline, uint64_t *period);
 /// SCHED_DEADLINE's policy number.
@@ -69,6 +75,15 @@ static inline uint32_t rtv_atomic_cas_u32(volatile uint32_t *p, uint32_t expecte
 }
 /// A full memory fence.
 static inline void rtv_atomic_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+/// Reads the time-stamp counter with `rdtscp`, fenced so that it is neither executed before
+/// earlier instructions nor after later ones (`lfence` after it), and the CPU it ran on
+/// (Linux keeps the CPU number in IA32_TSC_AUX).
+static inline uint64_t rtv_rdtscp_fenced(uint32_t *cpu) {
+    uint32_t lo, hi, aux;
+    __asm__ __volatile__("rdtscp; lfence" : "=a"(lo), "=d"(hi), "=c"(aux) :: "memory");
+    *cpu = aux & 0xfff;
+    return ((uint64_t)hi << 32) | lo;
+}
 /// A pause instruction for spin loops.
 static inline void rtv_cpu_relax(void) { __asm__ __volatile__("pause" ::: "memory"); }
 

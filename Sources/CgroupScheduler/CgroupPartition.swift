@@ -2,7 +2,6 @@
 import Glibc
 #endif
 import RTVirtCore
-import Synchronization
 
 /// One file write a partition makes, for `--dry-run` and logs.
 public struct CgroupWrite: Equatable, Sendable, CustomStringConvertible {
@@ -40,7 +39,7 @@ public final class CgroupPartition: CPUPartitionAssigner {
     }
     // Held across each assignment, sweep and removal, so a sweep never sees a thread that is
     // being assigned before it is recorded.
-    private let state = Mutex(State())
+    private let state = LockedValue(State())
 
     static let controllers = ["cpuset", "cpu"]
     /// The RT period of the project's intermediate groups (the kernel default), µs.

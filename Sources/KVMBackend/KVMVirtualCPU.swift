@@ -3,7 +3,6 @@ import CLinuxSupport
 import Glibc
 import RTVirtCore
 import SystemPackage
-import Synchronization
 
 /// A KVM vCPU: owns the vCPU file descriptor and its mapped `kvm_run` area.
 ///
@@ -24,9 +23,9 @@ public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
     let descriptor: OwnedDescriptor
     let runArea: UnsafeMutablePointer<kvm_run>
     private let runAreaSize: Int
-    private let runningThread = Mutex<pthread_t?>(nil)
+    private let runningThread = LockedValue<pthread_t?>(nil)
     /// The last thread whose signal mask was checked to let the kick signal through.
-    private let kickableThread = Mutex<pthread_t?>(nil)
+    private let kickableThread = LockedValue<pthread_t?>(nil)
 
     init(vm: KVMVirtualMachine, id: Int) throws(KVMError) {
         self.vm = vm

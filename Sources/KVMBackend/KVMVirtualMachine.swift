@@ -28,7 +28,7 @@ public final class KVMVirtualMachine: VirtualMachine {
         var createdVCPUs: Set<Int> = []
         var hasInterruptController = false
     }
-    private let bookkeeping = Mutex(Bookkeeping())
+    private let bookkeeping = LockedValue(Bookkeeping())
     /// Whether a `KVM_RUN` of this VM has returned (so KVM has started its per-VM workers).
     let hasRun = Atomic<Bool>(false)
 

@@ -1,7 +1,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import Synchronization
 
 /// How a vCPU's host thread is scheduled when it runs real-time work.
 public struct RealtimePolicy: Equatable, Sendable {
@@ -125,14 +124,14 @@ public final class RealtimeVCPUScheduler: Sendable {
         var status: Status
         var saved: SavedThreadScheduling?
     }
-    private let states: Mutex<[Int: VCPUState]>
-    private let loops = Mutex<[Int: VCPURunLoop]>([:])
+    private let states: LockedValue<[Int: VCPUState]>
+    private let loops = LockedValue<[Int: VCPURunLoop]>([:])
 
     /// Policies by vCPU id, and an optional partition real-time threads join.
     public init(policies: [Int: RealtimePolicy], partition: (any CPUPartitionAssigner)? = nil) {
         self.policies = policies
         self.partition = partition
-        states = Mutex(policies.mapValues { VCPUState(status: $0.activation == .atStart ? .untouched : .pending, saved: nil) })
+        states = LockedValue(policies.mapValues { VCPUState(status: $0.activation == .atStart ? .untouched : .pending, saved: nil) })
     }
 
     /// The status of `vcpu`'s thread.

@@ -1,5 +1,4 @@
 import RTVirtCore
-import Synchronization
 
 /// The bundled guest's three ports: results it reports, the exit it requests, input it reads.
 ///
@@ -12,7 +11,7 @@ public final class BundledGuestPorts: BusDevice {
         var inputs: [UInt64] = []
         var inputReads: [(vcpu: Int, size: Int)] = []
     }
-    private let state = Mutex(State())
+    private let state = LockedValue(State())
 
     /// Ports with no queued input; reads of an empty queue return 0.
     public init() {}

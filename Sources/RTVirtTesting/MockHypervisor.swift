@@ -1,5 +1,4 @@
 import RTVirtCore
-import Synchronization
 
 /// A hypervisor that runs no guest: its vCPUs replay scripted exits.
 ///

@@ -1,6 +1,5 @@
 import Dispatch
 import RTVirtCore
-import Synchronization
 
 /// The guest's answer to a reverse call.
 public struct VMRPCReverseCallReply: Equatable, Sendable {

@@ -1,5 +1,4 @@
 import RTVirtCore
-import Synchronization
 
 /// Where `clock.read` and `timer.sleepUntil` get each vCPU's TSC mapping and host time.
 public protocol GuestClockSource: Sendable {

@@ -1,6 +1,5 @@
 import RTVirtCore
 import RTVirtTesting
-import Synchronization
 import VMRPC
 
 /// Runs the VMRPC server on guest-controlled bytes: the input's first 4096 bytes become vCPU 0's

@@ -56,7 +56,7 @@ final class MeasuringThreadHooks: Sendable {
         var cost: ThreadCost?
     }
     private let settings: CyclicSettings
-    private let state = Mutex(State())
+    private let state = LockedValue(State())
 
     init(_ settings: CyclicSettings) { self.settings = settings }
 
@@ -157,8 +157,8 @@ final class HostCyclicRunner: CyclicPathRunner {
 
 /// The lateness samples of one host round, allocated once.
 final class SampleBuffer: Sendable {
-    let samples: Mutex<[Int64]>
-    init(count: Int) { samples = Mutex([Int64](repeating: 0, count: count)) }
+    let samples: LockedValue<[Int64]>
+    init(count: Int) { samples = LockedValue([Int64](repeating: 0, count: count)) }
 }
 
 /// A bundled guest in a cyclic mode on a real-time vCPU thread: `guest-longpoll` (16-byte

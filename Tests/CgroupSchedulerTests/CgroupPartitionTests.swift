@@ -2,7 +2,6 @@ import CgroupScheduler
 import Foundation
 import RTVirtCore
 import RTVirtTesting
-import Synchronization
 import XCTest
 
 /// A skip for a host feature that is absent (a failure under `RTVIRT_REQUIRE_REAL=1`).
@@ -217,7 +216,7 @@ final class RealCgroupPartitionTests: XCTestCase {
                                  budget: RTBudget(parsing: "50ms/100ms")!)
         let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)
         defer { _ = try? partition.remove() }
-        let children = Mutex<[pid_t]>([])
+        let children = LockedValue<[pid_t]>([])
         let phase = ConditionLock(0)
         // The parent starts a child when the phase is 1 and when it is 3, answering with 2 and 4;
         // everyone ends at 9.

@@ -1,13 +1,12 @@
 import KVMBackend
 import RTVirtCore
 import RTVirtGuestImage
-import Synchronization
 import XCTest
 
 /// A bus device that records every access and answers reads with a fixed pattern.
 final class RecordingDevice: BusDevice {
     struct Access: Equatable { var offset: UInt64; var size: Int; var isWrite: Bool; var value: UInt64 }
-    let accesses = Mutex<[Access]>([])
+    let accesses = LockedValue<[Access]>([])
     let readValue: UInt64
     init(readValue: UInt64) { self.readValue = readValue }
     func read(_ access: BusAccess) -> UInt64 {
@@ -148,7 +147,7 @@ final class KickSignalMaskTests: XCTestCase {
     func testVCPUStartedFromAThreadBlockingAllSignalsCanBeKicked() throws {
         let kvm = try openKVMOrSkip()
         let machine = try BundledGuestMachine(system: kvm, vcpus: [BundledGuestVCPU(mode: .spin)])
-        let runnerBox = Mutex<VirtualMachineRunner?>(nil)
+        let runnerBox = LockedValue<VirtualMachineRunner?>(nil)
         let starter = try HostThread(name: "masked-starter") {
             var all = sigset_t()
             sigfillset(&all)

@@ -1,7 +1,6 @@
 import KVMBackend
 import RTVirtCore
 import RTVirtGuestImage
-import Synchronization
 import VMRPC
 import XCTest
 

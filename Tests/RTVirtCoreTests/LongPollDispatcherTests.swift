@@ -1,6 +1,5 @@
 import RTVirtCore
 import RTVirtTesting
-import Synchronization
 import XCTest
 
 typealias InstantWaiter = ManualClockWaiter

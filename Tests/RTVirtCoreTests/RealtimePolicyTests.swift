@@ -1,6 +1,5 @@
 import RTVirtCore
 import RTVirtTesting
-import Synchronization
 import XCTest
 
 /// A skip for a host feature that is absent (a failure under `RTVIRT_REQUIRE_REAL=1`).
@@ -11,7 +10,7 @@ func unavailable(_ message: String) -> any Error {
 /// Skips when this process may not use real-time scheduling (EPERM: not root, no CAP_SYS_NICE,
 /// RLIMIT_RTPRIO 0). Any other error of the probe fails the test.
 func requireRealtimeOrSkip() throws {
-    let outcome = Mutex<SchedulingError?>(nil)
+    let outcome = LockedValue<SchedulingError?>(nil)
     let thread = try HostThread(name: "rt-probe") {
         do throws(SchedulingError) {
             try ThreadScheduling.setSchedulingClass(.fifo(priority: 1))
@@ -60,10 +59,10 @@ final class RealtimePolicyTests: XCTestCase {
     /// kvm-nx-lpage-recovery) must not inherit its real-time class.
     func testThreadsCreatedFromARealtimeThreadStartAsSchedOther() throws {
         try requireRealtimeOrSkip()
-        let observed = Mutex<(parent: SchedulingClass?, resets: Bool?, child: SchedulingClass?, restoredResets: Bool?)>((nil, nil, nil, nil))
+        let observed = LockedValue<(parent: SchedulingClass?, resets: Bool?, child: SchedulingClass?, restoredResets: Bool?)>((nil, nil, nil, nil))
         let thread = try HostThread(name: "rt-parent") {
             guard let saved = try? RealtimeThreadPolicy.apply(RealtimePolicy(schedulingClass: .fifo(priority: 20))) else { return }
-            let childClass = Mutex<SchedulingClass?>(nil)
+            let childClass = LockedValue<SchedulingClass?>(nil)
             if let child = try? HostThread(name: "rt-child", { childClass.withLock { $0 = try? ThreadScheduling.schedulingClass() } }) {
                 child.join()
             }
@@ -81,7 +80,7 @@ final class RealtimePolicyTests: XCTestCase {
     }
 
     func testTimerSlackZeroMeansMinimumNotDefault() throws {
-        let result = Mutex<(UInt64, UInt64)>((0, 0))
+        let result = LockedValue<(UInt64, UInt64)>((0, 0))
         let thread = try HostThread(name: "slack") {
             let before = ThreadScheduling.timerSlack()
             try? ThreadScheduling.setTimerSlack(1)
@@ -133,7 +132,7 @@ final class RealtimePolicyTests: XCTestCase {
 
     func testDeadlineClassRoundTrips() throws {
         try requireRealtimeOrSkip()
-        let outcome = Mutex<Result<SchedulingClass, SchedulingError>?>(nil)
+        let outcome = LockedValue<Result<SchedulingClass, SchedulingError>?>(nil)
         let thread = try HostThread(name: "deadline") {
             do throws(SchedulingError) {
                 try ThreadScheduling.setSchedulingClass(.deadline(runtime: 100_000, deadline: 1_000_000, period: 1_000_000))

@@ -1,7 +1,6 @@
 import Foundation
 import RTVirtCore
 import RTVirtTesting
-import Synchronization
 import VMRPC
 import XCTest
 

@@ -1,6 +1,5 @@
 import RTVirtCore
 import RTVirtTesting
-import Synchronization
 import VMRPC
 import XCTest
 

@@ -1,4 +1,3 @@
-import Synchronization
 
 /// Wakes a deadline wait early by a margin learned from the host's own wake-up lateness, so
 /// that a short spin to the deadline lands on time.

@@ -3,9 +3,11 @@ import PackageDescription
 
 let package = Package(
     name: "RTVirt",
-    platforms: [.macOS(.v13)],
     products: [
         .library(name: "RTVirtCore", targets: ["RTVirtCore"]),
+        .library(name: "LongPoll", targets: ["LongPoll"]),
+        .library(name: "RealtimeVCPU", targets: ["RealtimeVCPU"]),
+        .library(name: "X86GuestSetup", targets: ["X86GuestSetup"]),
         .library(name: "KVMBackend", targets: ["KVMBackend"]),
         .library(name: "VMRPC", targets: ["VMRPC"]),
         .library(name: "CgroupScheduler", targets: ["CgroupScheduler"]),
@@ -59,15 +61,24 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
-        .target(name: "VMRPC", dependencies: ["RTVirtCore"]),
+        .target(
+            name: "LongPoll",
+            dependencies: ["RTVirtCore", "CLinuxSupport", .product(name: "SystemPackage", package: "swift-system")]
+        ),
+        .target(
+            name: "RealtimeVCPU",
+            dependencies: ["RTVirtCore", "CLinuxSupport", .product(name: "SystemPackage", package: "swift-system")]
+        ),
+        .target(name: "X86GuestSetup", dependencies: ["RTVirtCore"]),
+        .target(name: "VMRPC", dependencies: ["RTVirtCore", "LongPoll"]),
         .target(
             name: "CgroupScheduler",
-            dependencies: ["RTVirtCore", "CLibcgroup", "CLibnuma", "CLinuxSupport"]
+            dependencies: ["RTVirtCore", "RealtimeVCPU", "CLibcgroup", "CLibnuma", "CLinuxSupport"]
         ),
-        .target(name: "RTVirtTesting", dependencies: ["RTVirtCore"]),
+        .target(name: "RTVirtTesting", dependencies: ["RTVirtCore", "LongPoll"]),
 
         // MARK: Fuzzing of the VMRPC server (Docs/Fuzzing.md)
-        .target(name: "VMRPCFuzzHarness", dependencies: ["VMRPC", "RTVirtTesting", "RTVirtCore"]),
+        .target(name: "VMRPCFuzzHarness", dependencies: ["VMRPC", "RTVirtTesting", "RTVirtCore", "LongPoll"]),
         .executableTarget(name: "VMRPCFuzzer", dependencies: ["VMRPCFuzzHarness"]),
 
         // MARK: The bundled guest, built from Guest/ by a build-tool plugin
@@ -79,7 +90,7 @@ let package = Package(
         ),
         .target(
             name: "RTVirtGuestImage",
-            dependencies: ["RTVirtCore", "KVMBackend", "VMRPC"],
+            dependencies: ["RTVirtCore", "KVMBackend", "VMRPC", "LongPoll", "X86GuestSetup"],
             plugins: ["GuestImageBuilder"]
         ),
 
@@ -87,8 +98,8 @@ let package = Package(
         .executableTarget(
             name: "rtvirt",
             dependencies: [
-                "RTVirtCore", "KVMBackend", "VMRPC", "CgroupScheduler", "RTVirtGuestImage",
-                "CLinuxSupport", "CZlib",
+                "RTVirtCore", "LongPoll", "RealtimeVCPU", "X86GuestSetup", "KVMBackend", "VMRPC", "CgroupScheduler",
+                "RTVirtGuestImage", "CLinuxSupport", "CZlib",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
@@ -96,19 +107,23 @@ let package = Package(
 
         // MARK: Tests
         .testTarget(name: "RTVirtCoreTests", dependencies: ["RTVirtCore", "RTVirtTesting"]),
+        .testTarget(name: "LongPollTests", dependencies: ["LongPoll", "RTVirtCore", "RTVirtTesting"]),
+        .testTarget(name: "RealtimeVCPUTests", dependencies: ["RealtimeVCPU", "RTVirtCore", "RTVirtTesting"]),
+        .testTarget(name: "X86GuestSetupTests", dependencies: ["X86GuestSetup", "RTVirtCore", "KVMBackend", "RTVirtGuestImage"]),
         .testTarget(
             name: "KVMBackendTests",
-            dependencies: ["KVMBackend", "RTVirtCore", "RTVirtTesting", "RTVirtGuestImage"]
+            dependencies: ["KVMBackend", "RTVirtCore", "LongPoll", "RealtimeVCPU", "X86GuestSetup", "VMRPC", "RTVirtTesting", "RTVirtGuestImage"]
         ),
         .testTarget(
             name: "VMRPCTests",
-            dependencies: ["VMRPC", "RTVirtTesting", "CVMRPCGuest", "VMRPCFuzzHarness"],
+            dependencies: ["VMRPC", "LongPoll", "RTVirtTesting", "CVMRPCGuest", "VMRPCFuzzHarness"],
             exclude: ["FuzzCorpus"]
         ),
-        .testTarget(name: "CgroupSchedulerTests", dependencies: ["CgroupScheduler", "RTVirtTesting"]),
-        .testTarget(name: "RTVirtTestingTests", dependencies: ["RTVirtTesting"]),
+        .testTarget(name: "CgroupSchedulerTests", dependencies: ["CgroupScheduler", "RealtimeVCPU", "RTVirtTesting"]),
+        .testTarget(name: "RTVirtTestingTests", dependencies: ["RTVirtTesting", "LongPoll"]),
         .testTarget(name: "IntegrationTests", dependencies: [
-            "rtvirt", "CgroupScheduler", "KVMBackend", "RTVirtCore", "RTVirtGuestImage", "RTVirtTesting", "CZlib",
+            "rtvirt", "CgroupScheduler", "KVMBackend", "RTVirtCore", "LongPoll", "RealtimeVCPU", "X86GuestSetup", "VMRPC",
+            "RTVirtGuestImage", "RTVirtTesting", "CZlib",
             .product(name: "Histogram", package: "hdrhistogram-swift"),
         ]),
     ],

@@ -1,7 +1,8 @@
 #if canImport(Glibc)
-import Glibc
 #endif
+import Glibc
 import RTVirtCore
+import RealtimeVCPU
 
 /// One file write a partition makes, for `--dry-run` and logs.
 public struct CgroupWrite: Equatable, Sendable, CustomStringConvertible {

@@ -41,12 +41,12 @@ public final class VCPURunLoop: Sendable {
     /// Counters.
     public let statistics = VCPURunStatistics()
     /// Where devices park this vCPU for long polls; a stop cancels such a wait too.
-    public let dispatcher: LongPollDispatcher?
+    public let dispatcher: (any VCPUParking)?
     private let stopRequested = Atomic<Bool>(false)
     private let pendingWork = LockedValue<[@Sendable () -> Void]>([])
 
     /// A run loop for `vcpu` over `bus`, whose long polls (if any) go through `dispatcher`.
-    public init(vcpu: any VirtualCPU, bus: IOBus, dispatcher: LongPollDispatcher? = nil) {
+    public init(vcpu: any VirtualCPU, bus: IOBus, dispatcher: (any VCPUParking)? = nil) {
         self.vcpu = vcpu
         self.bus = bus
         self.dispatcher = dispatcher

@@ -15,7 +15,7 @@ public final class VirtualMachineRunner: Sendable {
     /// `onThreadStart` runs first on each vCPU thread (for example to apply a real-time policy);
     /// `onThreadEnd` runs last on it (for example to restore the thread's policy).
     public init(
-        vcpus: [any VirtualCPU], bus: IOBus, dispatcher: LongPollDispatcher? = nil,
+        vcpus: [any VirtualCPU], bus: IOBus, dispatcher: (any VCPUParking)? = nil,
         onThreadStart: (@Sendable (any VirtualCPU) -> Void)? = nil,
         onThreadEnd: (@Sendable (any VirtualCPU) -> Void)? = nil
     ) throws(HostThreadError) {
@@ -52,7 +52,7 @@ public final class VirtualMachineRunner: Sendable {
     public func stop() {
         for loop in loops {
             loop.requestStop()
-            loop.dispatcher?.close(vcpu: loop.vcpu.id)
+            loop.dispatcher?.closeVCPU(loop.vcpu.id)
         }
     }
 

@@ -1,6 +1,8 @@
 import KVMBackend
 import RTVirtCore
 import VMRPC
+import LongPoll
+import X86GuestSetup
 
 /// How one vCPU of the bundled guest starts.
 public struct BundledGuestVCPU: Sendable {

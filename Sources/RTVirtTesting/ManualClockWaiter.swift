@@ -1,5 +1,6 @@
 import RTVirtCore
 import Synchronization
+import LongPoll
 
 /// A `BlockingWaiter` for a `ManualClock`: instead of sleeping it moves the clock to the time
 /// asked for (plus `lateness`), unless a descriptor in `readyDescriptors` is marked ready.

@@ -1,3 +1,4 @@
+import LongPoll
 import RTVirtCore
 
 /// What a procedure answers: now, or after the calling vCPU has long-polled for an event.

@@ -1,4 +1,5 @@
 import Dispatch
+import LongPoll
 import RTVirtCore
 import Synchronization
 
@@ -99,7 +100,7 @@ public final class VMRPCServer: Sendable {
     /// Where the slots are.
     public let slots: VMRPCSlotLayout
     /// Parks vCPUs for blocking calls.
-    public let dispatcher: LongPollDispatcher
+    public let dispatcher: any LongPollWaiting
     /// Features offered to the guest.
     public let features: VMRPCFeatures
     /// Limits.
@@ -110,7 +111,7 @@ public final class VMRPCServer: Sendable {
     private let channels: [Channel]
     private let timerQueue = DispatchQueue(label: "rtvirt.vmrpc.reverse-call-timeouts")
     private let unrouted = Atomic<UInt64>(0)
-    private let closeToken: LongPollDispatcher.CloseHandlerToken
+    private let closeToken: LongPollCloseHandlerToken
 
     final class Channel: Sendable {
         let doorbells = Atomic<UInt64>(0)
@@ -155,7 +156,7 @@ public final class VMRPCServer: Sendable {
     /// - Throws: `VMRPCConfigurationError` when a procedure, the slot layout (not page-aligned,
     ///   not wholly inside guest memory, more slots than the dispatcher has vCPUs) or a limit is
     ///   invalid. Nothing traps.
-    public init(memory: any GuestMemory, slots: VMRPCSlotLayout, dispatcher: LongPollDispatcher,
+    public init(memory: any GuestMemory, slots: VMRPCSlotLayout, dispatcher: any LongPollWaiting,
                 procedures: [VMRPCProcedure], features: VMRPCFeatures = .all,
                 limits: VMRPCLimits = VMRPCLimits(),
                 completionContext: VMRPCCompletionContext? = nil) throws(VMRPCConfigurationError) {
@@ -192,7 +193,7 @@ public final class VMRPCServer: Sendable {
     }
 
     private static func validate(_ slots: VMRPCSlotLayout, memory: any GuestMemory,
-                                 dispatcher: LongPollDispatcher) throws(VMRPCConfigurationError) {
+                                 dispatcher: any LongPollWaiting) throws(VMRPCConfigurationError) {
         guard slots.count >= 1 else { throw .invalidSlotCount(slots.count) }
         guard slots.count <= dispatcher.vcpuCount else {
             throw .dispatcherTooSmall(slots: slots.count, dispatcherVCPUs: dispatcher.vcpuCount)
@@ -487,7 +488,7 @@ public final class VMRPCServer: Sendable {
     /// `VirtualMachineRunner.stop()` has the same effect on the reverse calls.
     public func shutdown() {
         for (vcpu, channel) in channels.enumerated() {
-            dispatcher.close(vcpu: vcpu)
+            dispatcher.closeVCPU(vcpu)
             for call in channel.reverseCalls.endAll() {
                 Self.complete(call.completion, with: .failure(.vmStopped), in: completionContext)
             }

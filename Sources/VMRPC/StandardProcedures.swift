@@ -1,3 +1,4 @@
+import LongPoll
 import RTVirtCore
 
 /// Where `clock.read` and `timer.sleepUntil` get each vCPU's TSC mapping and host time.

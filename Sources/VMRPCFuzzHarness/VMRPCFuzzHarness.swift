@@ -1,6 +1,7 @@
 import RTVirtCore
 import RTVirtTesting
 import VMRPC
+import LongPoll
 
 /// Runs the VMRPC server on guest-controlled bytes: the input's first 4096 bytes become vCPU 0's
 /// call slot, the rest a program of at most 64 operations, each two bytes or more: doorbells on

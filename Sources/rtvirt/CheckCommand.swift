@@ -3,6 +3,7 @@ import CgroupScheduler
 import Foundation
 import KVMBackend
 import RTVirtCore
+import RealtimeVCPU
 
 /// Everything `rtvirt check` reports, as one JSON object.
 struct HostCheckReport: Codable {

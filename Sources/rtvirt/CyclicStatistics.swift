@@ -1,5 +1,6 @@
 import Foundation
 import Histogram
+import LongPoll
 
 /// The measured paths of `rtvirt cyclictest`. The raw values are the names in the table and the
 /// JSON; they are stable.

@@ -4,6 +4,8 @@ import RTVirtCore
 import RTVirtGuestImage
 import Synchronization
 import VMRPC
+import LongPoll
+import RealtimeVCPU
 
 /// The settings every path of `rtvirt cyclictest` shares.
 struct CyclicSettings: Sendable {

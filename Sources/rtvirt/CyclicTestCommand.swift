@@ -4,6 +4,7 @@ import Histogram
 import KVMBackend
 import RTVirtCore
 import RTVirtGuestImage
+import RealtimeVCPU
 
 /// What `rtvirt cyclictest --json` prints.
 struct CyclicTestReport: Codable {

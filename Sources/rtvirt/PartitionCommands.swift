@@ -5,6 +5,7 @@ import KVMBackend
 import RTVirtCore
 import RTVirtGuestImage
 import Synchronization
+import RealtimeVCPU
 
 extension CPUSet: ExpressibleByArgument {
     public init?(argument: String) { self.init(listFormat: argument) }

@@ -4,6 +4,7 @@ import KVMBackend
 import RTVirtCore
 import RTVirtGuestImage
 import VMRPC
+import LongPoll
 
 /// What `rtvirt rpc-bench --json` prints.
 struct RPCBenchReport: Codable {

@@ -5,6 +5,7 @@ import KVMBackend
 import RTVirtCore
 @testable import rtvirt
 import XCTest
+import RealtimeVCPU
 
 /// `rtvirt cyclictest`'s pieces: the HdrHistogram log encoding, rounds, statistics and
 /// comparisons, the plot's axes, and one real round of every path. No timing is asserted.

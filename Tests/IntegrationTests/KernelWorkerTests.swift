@@ -3,6 +3,7 @@ import KVMBackend
 import RTVirtCore
 import RTVirtGuestImage
 import XCTest
+import RealtimeVCPU
 
 /// One task of this process: its name, scheduling class and v1 `cpu`/`cpuset` groups.
 struct ProcessTask {

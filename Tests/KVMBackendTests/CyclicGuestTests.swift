@@ -3,6 +3,7 @@ import RTVirtCore
 import RTVirtGuestImage
 import VMRPC
 import XCTest
+import LongPoll
 
 /// The cyclic guest modes on real KVM, short runs. Latency targets are checked by
 /// `rtvirt cyclictest`, not here; these tests check that each path works and what it records.

@@ -2,6 +2,7 @@ import KVMBackend
 import RTVirtCore
 import RTVirtGuestImage
 import XCTest
+import X86GuestSetup
 
 final class InvalidInputTests: XCTestCase {
     func testMissingDeviceIsATypedError() {

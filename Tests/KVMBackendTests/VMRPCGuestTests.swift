@@ -3,6 +3,7 @@ import RTVirtCore
 import RTVirtGuestImage
 import VMRPC
 import XCTest
+import LongPoll
 
 /// A real guest on KVM calling VMRPC through the C header.
 final class VMRPCGuestTests: XCTestCase {

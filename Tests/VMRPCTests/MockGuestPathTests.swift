@@ -2,6 +2,7 @@ import RTVirtCore
 import RTVirtTesting
 import VMRPC
 import XCTest
+import LongPoll
 
 /// A guest clock on the real monotonic clock: 1 GHz, offset 0, so guest TSC = monotonic ns.
 struct MonotonicGuestClock: GuestClockSource {

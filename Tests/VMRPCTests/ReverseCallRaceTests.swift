@@ -3,6 +3,7 @@ import RTVirtCore
 import Synchronization
 import VMRPC
 import XCTest
+import LongPoll
 
 /// Races of a hostile guest and of the VMM's own calls against reverse calls, on real threads,
 /// the real clock and `GuestMemoryMap`, without KVM. Each test makes at least 10^5 attempts and

@@ -3,6 +3,7 @@ import RTVirtCore
 import RTVirtTesting
 import VMRPC
 import XCTest
+import LongPoll
 
 /// Collects the outcomes of reverse calls, to check that each call has exactly one.
 final class OutcomeLog: Sendable {

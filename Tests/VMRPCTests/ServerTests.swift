@@ -2,6 +2,7 @@ import RTVirtCore
 import RTVirtTesting
 import VMRPC
 import XCTest
+import LongPoll
 
 final class ServerTests: XCTestCase {
     func testNullCallAndFeatureNegotiation() throws {

@@ -1,6 +1,7 @@
 import RTVirtCore
 import RTVirtTesting
 import VMRPC
+import LongPoll
 
 /// A guest clock on a manual clock: 1 GHz, offset 0, so guest TSC = monotonic nanoseconds.
 struct ManualGuestClock: GuestClockSource {

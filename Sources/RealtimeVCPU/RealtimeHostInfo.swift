@@ -1,4 +1,5 @@
 #if canImport(Glibc)
+import RTVirtCore
 import Glibc
 #endif
 import CLinuxSupport

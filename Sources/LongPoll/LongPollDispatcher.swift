@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import RTVirtCore
 import SystemPackage
 import Synchronization
 
@@ -14,7 +15,7 @@ import Synchronization
 /// Closing a vCPU (`close(vcpu:)`, which `VirtualMachineRunner.stop()` does for each of its
 /// vCPUs) means the VM stopped: the vCPU takes no more messages, and every close handler runs,
 /// so that whoever queued messages (the VMRPC server's reverse calls) can end them.
-public final class LongPollDispatcher: Sendable {
+public final class LongPollDispatcher: LongPollWaiting {
     /// Per-vCPU state.
     final class Channel: Sendable {
         struct State {
@@ -154,23 +155,20 @@ public final class LongPollDispatcher: Sendable {
 
     /// Registers `handler` to run (on the closing thread) each time a vCPU is closed. Returns a
     /// token for `removeCloseHandler(_:)`.
-    public func addCloseHandler(_ handler: @escaping @Sendable (_ vcpu: Int) -> Void) -> CloseHandlerToken {
+    public func addCloseHandler(_ handler: @escaping @Sendable (_ vcpu: Int) -> Void) -> LongPollCloseHandlerToken {
         closeHandlers.withLock { table in
             defer { table.next += 1 }
             table.handlers[table.next] = handler
-            return CloseHandlerToken(rawValue: table.next)
+            return LongPollCloseHandlerToken(rawValue: table.next)
         }
     }
 
     /// Removes a close handler.
-    public func removeCloseHandler(_ token: CloseHandlerToken) {
+    public func removeCloseHandler(_ token: LongPollCloseHandlerToken) {
         _ = closeHandlers.withLock { $0.handlers.removeValue(forKey: token.rawValue) }
     }
 
-    /// Identifies a registered close handler.
-    public struct CloseHandlerToken: Hashable, Sendable {
-        let rawValue: UInt64
-    }
+    public func closeVCPU(_ vcpu: Int) { close(vcpu: vcpu) }
 
     /// Removes the queued messages of `vcpu` whose id is `messageID` (a call that ended before
     /// any wait took it). Returns how many were removed.

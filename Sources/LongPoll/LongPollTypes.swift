@@ -1,3 +1,4 @@
+import RTVirtCore
 import SystemPackage
 
 /// A file descriptor a long poll waits on, with the `poll(2)` events of interest.
@@ -103,4 +104,34 @@ public enum LongPollSetupError: Error, Equatable, Sendable, CustomStringConverti
         case let .eventNotifier(errno): return "eventfd: \(errno)"
         }
     }
+}
+
+/// Identifies a close handler registered with `LongPollWaiting.addCloseHandler(_:)`.
+public struct LongPollCloseHandlerToken: Hashable, Sendable {
+    let rawValue: UInt64
+    /// A token with the waiter's own number.
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+}
+
+/// What parks vCPUs in long polls, as a VMRPC server (or any device) sees it: a blocking wait
+/// on the vCPU's thread, per-vCPU queues of host messages, and notice of the VM stopping.
+/// `LongPollDispatcher` is the implementation; a VMM may bring its own.
+public protocol LongPollWaiting: VCPUParking {
+    /// The clock deadlines are measured on.
+    var clock: any MonotonicClock { get }
+    /// The vCPUs served: ids `0 ..< vcpuCount`.
+    var vcpuCount: Int { get }
+    /// Blocks the calling thread (vCPU `vcpu`'s) until the first event of `request`.
+    func wait(vcpu: Int, for request: LongPollRequest) -> LongPollResult
+    /// Queues `message` for `vcpu` and wakes it if it waits for messages.
+    func post(_ message: HostMessage, to vcpu: Int) throws(LongPollError)
+    /// Removes the queued messages of `vcpu` with id `messageID`; returns how many.
+    @discardableResult
+    func withdraw(messageID: UInt64, from vcpu: Int) -> Int
+    /// Runs `handler` with the vCPU each time a vCPU is closed (the VM stopped).
+    func addCloseHandler(_ handler: @escaping @Sendable (_ vcpu: Int) -> Void) -> LongPollCloseHandlerToken
+    /// Removes a close handler.
+    func removeCloseHandler(_ token: LongPollCloseHandlerToken)
+    /// Whether `vcpu` is parked in `wait` now.
+    func isWaiting(vcpu: Int) -> Bool
 }

@@ -1,6 +1,7 @@
 import RTVirtCore
 import RTVirtTesting
 import XCTest
+import LongPoll
 
 typealias InstantWaiter = ManualClockWaiter
 

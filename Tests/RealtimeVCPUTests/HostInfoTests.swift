@@ -1,6 +1,7 @@
 import Foundation
 import RTVirtCore
 import XCTest
+import RealtimeVCPU
 
 final class HostInfoTests: XCTestCase {
     private func fakeRoot(_ files: [String: String]) throws -> (HostFiles, () -> Void) {

@@ -1,4 +1,5 @@
 import RTVirtCore
+@testable import rtvirt
 import XCTest
 
 final class LatencySummaryTests: XCTestCase {

@@ -1,3 +1,5 @@
+import RTVirtCore
+
 
 /// Wakes a deadline wait early by a margin learned from the host's own wake-up lateness, so
 /// that a short spin to the deadline lands on time.

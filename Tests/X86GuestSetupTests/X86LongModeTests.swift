@@ -2,6 +2,7 @@ import KVMBackend
 import RTVirtCore
 import RTVirtGuestImage
 import XCTest
+import X86GuestSetup
 
 final class X86LongModeTests: XCTestCase {
     private func word(_ bytes: [UInt8], _ index: Int) -> UInt64 {

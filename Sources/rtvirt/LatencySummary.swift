@@ -3,7 +3,7 @@ import Glibc
 #endif
 
 /// Order statistics of a set of latency samples (exact: computed from the sorted samples).
-public struct LatencySummary: Codable, Equatable, Sendable {
+struct LatencySummary: Codable, Equatable, Sendable {
     /// Number of samples.
     public var count: Int
     public var minimum: Double
@@ -39,7 +39,7 @@ public struct LatencySummary: Codable, Equatable, Sendable {
 
 /// A text histogram of samples for terminals: one row per bucket, bar length proportional to
 /// the count on a logarithmic scale so that rare tail buckets stay visible.
-public struct TextHistogram: Sendable {
+struct TextHistogram: Sendable {
     /// Bucket edges (upper bounds, ascending) and counts; the last bucket is open-ended.
     public private(set) var upperBounds: [Double]
     public private(set) var counts: [Int]

@@ -1,6 +1,7 @@
 import RTVirtCore
 import RTVirtTesting
 import XCTest
+import RealtimeVCPU
 
 /// A skip for a host feature that is absent (a failure under `RTVIRT_REQUIRE_REAL=1`).
 func unavailable(_ message: String) -> any Error {

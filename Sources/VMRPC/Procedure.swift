@@ -66,14 +66,14 @@ public enum VMRPCConfigurationError: Error, Equatable, Sendable, CustomStringCon
     case builtInID(UInt32)
     /// An argument length range outside 0 ... 1984.
     case invalidArgumentLength(UInt32)
-    /// The slot layout has fewer than one slot.
-    case invalidSlotCount(Int)
-    /// The layout's base is not a multiple of the 4096-byte slot size.
-    case slotBaseNotPageAligned(GuestAddress)
+    /// A vCPU of the dispatcher has no slot.
+    case vcpuWithoutSlot(vcpu: Int)
+    /// A slot's address is not a multiple of the 4096-byte slot size.
+    case slotNotPageAligned(vcpu: Int, GuestAddress)
     /// The slot of `vcpu` is not wholly inside one region of guest memory.
     case slotOutsideGuestMemory(vcpu: Int)
-    /// The layout has more slots than the dispatcher has vCPUs.
-    case dispatcherTooSmall(slots: Int, dispatcherVCPUs: Int)
+    /// Two vCPUs were given the same slot.
+    case sharedSlot(vcpu: Int, otherVCPU: Int, GuestAddress)
     /// A `VMRPCLimits` value is out of range.
     case invalidLimit(name: String, value: String)
 
@@ -83,10 +83,10 @@ public enum VMRPCConfigurationError: Error, Equatable, Sendable, CustomStringCon
         case let .duplicateID(id): return "two procedures have id \(id)"
         case let .builtInID(id): return "procedure id \(id) is the server's own (poll or reply)"
         case let .invalidArgumentLength(id): return "procedure \(id) accepts argument lengths outside 0 ... \(VMRPCWire.maximumArgumentLength)"
-        case let .invalidSlotCount(count): return "a slot layout needs at least one slot, not \(count)"
-        case let .slotBaseNotPageAligned(base): return "the slot base \(base) is not 4096-byte aligned"
+        case let .vcpuWithoutSlot(vcpu): return "vCPU \(vcpu) has no VMRPC slot"
+        case let .slotNotPageAligned(vcpu, address): return "the slot of vCPU \(vcpu) at \(address) is not 4096-byte aligned"
         case let .slotOutsideGuestMemory(vcpu): return "the slot of vCPU \(vcpu) is not inside guest memory"
-        case let .dispatcherTooSmall(slots, vcpus): return "\(slots) slots but the dispatcher serves \(vcpus) vCPUs"
+        case let .sharedSlot(vcpu, other, address): return "vCPUs \(other) and \(vcpu) were both given the slot at \(address)"
         case let .invalidLimit(name, value): return "VMRPCLimits.\(name) = \(value) is out of range"
         }
     }

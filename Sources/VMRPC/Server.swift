@@ -3,8 +3,15 @@ import LongPoll
 import RTVirtCore
 import Synchronization
 
-/// Where the call slots are: vCPU `n` uses the 4096 bytes at `base + n * 4096`.
-public struct VMRPCSlotLayout: Equatable, Sendable {
+/// Where each vCPU's call slot is: the VMM decides, the server checks it once when it is made
+/// (every slot page-aligned, wholly inside guest memory, one per vCPU, no two the same).
+public protocol VMRPCSlotPlacement: Sendable {
+    /// The guest-physical address of `vcpu`'s 4096-byte slot, or nil when it has none.
+    func address(ofVCPU vcpu: Int) -> GuestAddress?
+}
+
+/// Contiguous slots: vCPU `n` uses the 4096 bytes at `base + n * 4096`.
+public struct VMRPCSlotLayout: VMRPCSlotPlacement, Equatable {
     /// Guest-physical address of vCPU 0's slot (page-aligned).
     public var base: GuestAddress
     /// Number of slots (vCPUs).
@@ -18,6 +25,18 @@ public struct VMRPCSlotLayout: Equatable, Sendable {
         guard vcpu >= 0, vcpu < count else { return nil }
         return base.checkedAdding(UInt64(vcpu) * UInt64(VMRPCWire.slotSize))
     }
+}
+
+/// Slots wherever the VMM puts them: one address per vCPU id.
+public struct VMRPCSlotTable: VMRPCSlotPlacement, Equatable {
+    /// The slot of each vCPU.
+    public var addresses: [Int: GuestAddress]
+
+    /// A table of slot addresses by vCPU id.
+    public init(_ addresses: [Int: GuestAddress]) { self.addresses = addresses }
+
+    /// The slot of `vcpu`, or nil when the table has none.
+    public func address(ofVCPU vcpu: Int) -> GuestAddress? { addresses[vcpu] }
 }
 
 /// Limits that keep a hostile guest from costing the host more than a bounded amount.
@@ -98,7 +117,9 @@ public final class VMRPCServer: Sendable {
     /// Guest memory holding the slots.
     public let memory: any GuestMemory
     /// Where the slots are.
-    public let slots: VMRPCSlotLayout
+    public let slots: any VMRPCSlotPlacement
+    /// Each vCPU's slot, checked, by vCPU id.
+    private let slotAddresses: [GuestAddress]
     /// Parks vCPUs for blocking calls.
     public let dispatcher: any LongPollWaiting
     /// Features offered to the guest.
@@ -151,12 +172,13 @@ public final class VMRPCServer: Sendable {
         }
     }
 
-    /// A server for the slots in `slots`, with `procedures` (ids must be unique and not 0,
-    /// `poll` or `reply`, which the server provides when `features` has `.reverseCalls`).
-    /// - Throws: `VMRPCConfigurationError` when a procedure, the slot layout (not page-aligned,
-    ///   not wholly inside guest memory, more slots than the dispatcher has vCPUs) or a limit is
+    /// A server for the vCPUs of `dispatcher` (ids `0 ..< dispatcher.vcpuCount`), each with its
+    /// slot in `slots`, and `procedures` (ids must be unique and not 0, `poll` or `reply`, which
+    /// the server provides when `features` has `.reverseCalls`).
+    /// - Throws: `VMRPCConfigurationError` when a procedure, a slot (missing for a vCPU, not
+    ///   page-aligned, not wholly inside guest memory, shared by two vCPUs) or a limit is
     ///   invalid. Nothing traps.
-    public init(memory: any GuestMemory, slots: VMRPCSlotLayout, dispatcher: any LongPollWaiting,
+    public init(memory: any GuestMemory, slots: any VMRPCSlotPlacement, dispatcher: any LongPollWaiting,
                 procedures: [VMRPCProcedure], features: VMRPCFeatures = .all,
                 limits: VMRPCLimits = VMRPCLimits(),
                 completionContext: VMRPCCompletionContext? = nil) throws(VMRPCConfigurationError) {
@@ -171,7 +193,7 @@ public final class VMRPCServer: Sendable {
             table[procedure.id] = procedure
         }
         try limits.validate()
-        try Self.validate(slots, memory: memory, dispatcher: dispatcher)
+        slotAddresses = try Self.validate(slots, memory: memory, dispatcher: dispatcher)
         self.memory = memory
         self.slots = slots
         self.dispatcher = dispatcher
@@ -180,7 +202,7 @@ public final class VMRPCServer: Sendable {
         self.completionContext = completionContext ?? .queue(DispatchQueue(label: "rtvirt.vmrpc.reverse-call-completions"))
         self.procedures = table
         let now = dispatcher.clock.nowNanoseconds()
-        let channels = (0..<slots.count).map { _ in Channel(limits: limits, now: now) }
+        let channels = slotAddresses.map { _ in Channel(limits: limits, now: now) }
         self.channels = channels
         // The VM stopping (the runner closing the vCPU) ends that vCPU's reverse calls.
         let context = self.completionContext
@@ -192,19 +214,21 @@ public final class VMRPCServer: Sendable {
         }
     }
 
-    private static func validate(_ slots: VMRPCSlotLayout, memory: any GuestMemory,
-                                 dispatcher: any LongPollWaiting) throws(VMRPCConfigurationError) {
-        guard slots.count >= 1 else { throw .invalidSlotCount(slots.count) }
-        guard slots.count <= dispatcher.vcpuCount else {
-            throw .dispatcherTooSmall(slots: slots.count, dispatcherVCPUs: dispatcher.vcpuCount)
-        }
-        guard slots.base.rawValue % UInt64(VMRPCWire.slotSize) == 0 else { throw .slotBaseNotPageAligned(slots.base) }
-        for vcpu in 0..<slots.count {
-            guard let address = slots.address(ofVCPU: vcpu),
-                  (try? memory.withHostPointer(at: address, length: UInt64(VMRPCWire.slotSize), { _ in })) != nil else {
+    private static func validate(_ slots: any VMRPCSlotPlacement, memory: any GuestMemory,
+                                 dispatcher: any LongPollWaiting) throws(VMRPCConfigurationError) -> [GuestAddress] {
+        var addresses: [GuestAddress] = []
+        var taken: [GuestAddress: Int] = [:]
+        for vcpu in 0..<dispatcher.vcpuCount {
+            guard let address = slots.address(ofVCPU: vcpu) else { throw .vcpuWithoutSlot(vcpu: vcpu) }
+            guard address.rawValue % UInt64(VMRPCWire.slotSize) == 0 else { throw .slotNotPageAligned(vcpu: vcpu, address) }
+            guard (try? memory.withHostPointer(at: address, length: UInt64(VMRPCWire.slotSize), { _ in })) != nil else {
                 throw .slotOutsideGuestMemory(vcpu: vcpu)
             }
+            if let other = taken[address] { throw .sharedSlot(vcpu: vcpu, otherVCPU: other, address) }
+            taken[address] = vcpu
+            addresses.append(address)
         }
+        return addresses
     }
 
     /// A server that goes away ends its reverse calls with `vmStopped`.
@@ -240,11 +264,11 @@ public final class VMRPCServer: Sendable {
     /// procedure keeps the calling thread here until its event. A doorbell from a vCPU without
     /// a slot is counted (`unroutedDoorbells`) and otherwise ignored: there is nowhere to answer.
     public func handleDoorbell(vcpu: Int) {
-        guard let slot = slots.address(ofVCPU: vcpu), channels.indices.contains(vcpu) else {
+        guard slotAddresses.indices.contains(vcpu) else {
             unrouted.wrappingAdd(1, ordering: .relaxed)
             return
         }
-        let channel = channels[vcpu]
+        let slot = slotAddresses[vcpu], channel = channels[vcpu]
         channel.doorbells.wrappingAdd(1, ordering: .relaxed)
 
         // Fetch once: the whole header, then (below) the arguments, into host memory.

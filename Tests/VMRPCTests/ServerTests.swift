@@ -159,7 +159,7 @@ final class ServerTests: XCTestCase {
     func testDoorbellsOutsideTheLayoutAreCountedAndHarmless() throws {
         let memory = GuestMemoryMap()
         try memory.addRegion(at: GuestAddress(0), size: 0x1000)
-        let dispatcher = try LongPollDispatcher(vcpuCount: 4)
+        let dispatcher = try LongPollDispatcher(vcpuCount: 1)
         let server = try VMRPCServer(memory: memory, slots: VMRPCSlotLayout(base: GuestAddress(0), count: 1),
                                      dispatcher: dispatcher, procedures: [VMRPCStandardProcedures.null()])
         for vcpu in [-1, 1, 3, 4, 1000] { server.handleDoorbell(vcpu: vcpu) }
@@ -256,14 +256,25 @@ final class ConfigurationTests: XCTestCase {
             } catch { return error }
         }
         XCTAssertNil(make(0x1000, 2))
-        XCTAssertEqual(make(0x1010, 1), .slotBaseNotPageAligned(GuestAddress(0x1010)))
+        XCTAssertEqual(make(0x1010, 2), .slotNotPageAligned(vcpu: 0, GuestAddress(0x1010)))
         XCTAssertEqual(make(0x3000, 2), .slotOutsideGuestMemory(vcpu: 1), "the second slot is past the end")
-        XCTAssertEqual(make(0x8000, 1), .slotOutsideGuestMemory(vcpu: 0))
+        XCTAssertEqual(make(0x8000, 2), .slotOutsideGuestMemory(vcpu: 0))
         XCTAssertEqual(make(UInt64.max & ~0xFFF, 2), .slotOutsideGuestMemory(vcpu: 0), "no overflow")
-        XCTAssertEqual(make(0, 0), .invalidSlotCount(0))
-        XCTAssertEqual(make(0, -1), .invalidSlotCount(-1))
-        XCTAssertEqual(make(0, 3), .dispatcherTooSmall(slots: 3, dispatcherVCPUs: 2))
+        XCTAssertEqual(make(0, 0), .vcpuWithoutSlot(vcpu: 0))
+        XCTAssertEqual(make(0, -1), .vcpuWithoutSlot(vcpu: 0))
+        XCTAssertEqual(make(0, 1), .vcpuWithoutSlot(vcpu: 1), "every vCPU of the dispatcher needs a slot")
         XCTAssertNil(VMRPCSlotLayout(base: GuestAddress(0), count: -1).address(ofVCPU: 0))
+        // Slots anywhere, one per vCPU, never shared.
+        func make(_ table: [Int: UInt64]) -> VMRPCConfigurationError? {
+            do {
+                _ = try VMRPCServer(memory: memory, slots: VMRPCSlotTable(table.mapValues { GuestAddress($0) }),
+                                    dispatcher: dispatcher, procedures: [])
+                return nil
+            } catch { return error }
+        }
+        XCTAssertNil(make([0: 0x3000, 1: 0x1000]))
+        XCTAssertEqual(make([0: 0x2000, 1: 0x2000]), .sharedSlot(vcpu: 1, otherVCPU: 0, GuestAddress(0x2000)))
+        XCTAssertEqual(make([1: 0x2000]), .vcpuWithoutSlot(vcpu: 0))
     }
 
     func testLimitsAreChecked() throws {
@@ -272,7 +283,7 @@ final class ConfigurationTests: XCTestCase {
             var limits = VMRPCLimits()
             change(&limits)
             do {
-                _ = try VMRPCServer(memory: harness.memory, slots: VMRPCSlotLayout(base: ServerHarness.slotBase, count: 1),
+                _ = try VMRPCServer(memory: harness.memory, slots: VMRPCSlotLayout(base: ServerHarness.slotBase, count: 2),
                                     dispatcher: harness.dispatcher, procedures: [], limits: limits)
                 return nil
             } catch { return error }

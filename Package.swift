@@ -67,7 +67,10 @@ let package = Package(
         ),
         .target(
             name: "RealtimeVCPU",
-            dependencies: ["RTVirtCore", "CLinuxSupport", .product(name: "SystemPackage", package: "swift-system")]
+            dependencies: [
+                "RTVirtCore", "CLinuxSupport",
+                .product(name: "SystemPackage", package: "swift-system"), .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .target(name: "X86GuestSetup", dependencies: ["RTVirtCore"]),
         .target(name: "VMRPC", dependencies: ["RTVirtCore", "LongPoll"]),

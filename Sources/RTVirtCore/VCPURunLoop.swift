@@ -28,12 +28,23 @@ public final class VCPURunStatistics: Sendable {
     public init() {}
 }
 
+/// A vCPU's thread as the code around a run loop sees it: work can be run on it at the vCPU's
+/// next exit, and it can be asked to stop. `VCPURunLoop` is one; a VMM's own run loop can be.
+public protocol VCPUThreadWork: Sendable {
+    /// The vCPU the thread runs.
+    var vcpu: any VirtualCPU { get }
+    /// Runs `work` on the vCPU's thread at its next exit (kicking the vCPU so there is one).
+    func performOnThread(_ work: @escaping @Sendable () -> Void)
+    /// Asks the thread to stop running the vCPU.
+    func requestStop()
+}
+
 /// Runs one vCPU on the calling thread: enters the guest, routes its port-I/O and MMIO exits
 /// to the bus, answers reads, and returns when the guest or the host stops it.
 ///
 /// `requestStop()` is safe from any thread and takes effect even when the guest never exits
 /// by itself: it kicks the vCPU out of the guest.
-public final class VCPURunLoop: Sendable {
+public final class VCPURunLoop: VCPUThreadWork {
     /// The vCPU this loop runs.
     public let vcpu: any VirtualCPU
     /// The devices the guest can reach.

@@ -1,7 +1,8 @@
 #if canImport(Glibc)
-import RTVirtCore
 import Glibc
 #endif
+import Logging
+import RTVirtCore
 
 /// How a vCPU's host thread is scheduled when it runs real-time work.
 public struct RealtimePolicy: Equatable, Sendable {
@@ -97,6 +98,27 @@ public enum RealtimeThreadPolicy {
     }
 }
 
+/// What happens when a vCPU's real-time policy cannot be applied.
+public enum RealtimeFailureHandling: Equatable, Sendable {
+    /// Fail closed (the default): a vCPU whose policy fails at start keeps the whole VM from
+    /// starting (`VirtualMachineRunner` throws `.threadSetupFailed`); one whose deferred policy
+    /// fails is stopped. Nothing runs real-time work at normal priority by accident.
+    case refuseToRun
+    /// Keep running with the thread's previous scheduling, and log a warning. An explicit
+    /// opt-in for VMMs that prefer a degraded guest to a stopped one.
+    case degradeToNormalPriority
+}
+
+/// Why a real-time policy was not applied to a vCPU's thread.
+public struct RealtimePolicyFailure: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The vCPU.
+    public var vcpu: Int
+    /// What failed (a `SchedulingError`, a partition error, ...).
+    public var reason: String
+
+    public var description: String { "the real-time policy of vCPU \(vcpu) could not be applied: \(reason)" }
+}
+
 /// Real-time policies for the vCPUs of one VM: gives `VirtualMachineRunner` the hooks that
 /// apply each vCPU's policy on its own thread and restore the thread when it stops. vCPUs
 /// without a policy are left alone.
@@ -104,6 +126,8 @@ public enum RealtimeThreadPolicy {
 /// Before a policy is applied, the vCPU's `prepareHostThread()` runs on the thread, so that
 /// the tasks the hypervisor starts at the VM's first run (KVM's `kvm-nx-lpage-recovery`) are
 /// created from an ordinary thread and stay out of the real-time partition and class.
+///
+/// A policy that cannot be applied fails closed by default (`RealtimeFailureHandling`).
 public final class RealtimeVCPUScheduler: Sendable {
     /// What happened to one vCPU's thread.
     public enum Status: Equatable, Sendable {
@@ -113,7 +137,8 @@ public final class RealtimeVCPUScheduler: Sendable {
         case pending
         /// Applied to thread `threadID`.
         case applied(threadID: pid_t)
-        /// Applying failed; the thread runs with its previous scheduling.
+        /// Applying failed: the vCPU did not run (or was stopped), or, when degrading is
+        /// allowed, runs with its previous scheduling.
         case failed(String)
         /// The thread stopped and was restored.
         case restored
@@ -121,27 +146,38 @@ public final class RealtimeVCPUScheduler: Sendable {
 
     private let policies: [Int: RealtimePolicy]
     private let partition: (any CPUPartitionAssigner)?
+    /// What a failure does.
+    public let failureHandling: RealtimeFailureHandling
+    private let logger: Logger
     private struct VCPUState {
         var status: Status
         var saved: SavedThreadScheduling?
     }
     private let states: LockedValue<[Int: VCPUState]>
-    private let loops = LockedValue<[Int: VCPURunLoop]>([:])
+    private let threads = LockedValue<[Int: any VCPUThreadWork]>([:])
 
-    /// Policies by vCPU id, and an optional partition real-time threads join.
-    public init(policies: [Int: RealtimePolicy], partition: (any CPUPartitionAssigner)? = nil) {
+    /// Policies by vCPU id, an optional partition real-time threads join, what a failure does,
+    /// and where applied, failed and restored policies are logged.
+    public init(policies: [Int: RealtimePolicy], partition: (any CPUPartitionAssigner)? = nil,
+                failureHandling: RealtimeFailureHandling = .refuseToRun,
+                logger: Logger = Logger(label: "rtvirt.realtime")) {
         self.policies = policies
         self.partition = partition
+        self.failureHandling = failureHandling
+        self.logger = logger
         states = LockedValue(policies.mapValues { VCPUState(status: $0.activation == .atStart ? .untouched : .pending, saved: nil) })
     }
 
     /// The status of `vcpu`'s thread.
     public func status(vcpu: Int) -> Status { states.withLock { $0[vcpu]?.status ?? .untouched } }
 
-    /// For `VirtualMachineRunner(onThreadStart:)`.
-    public func threadStarted(_ vcpu: any VirtualCPU) {
+    /// For `VirtualMachineRunner(onThreadStart:)`. Throws `RealtimePolicyFailure` when the
+    /// policy cannot be applied and failures are refused, which keeps the VM from starting.
+    public func threadStarted(_ vcpu: any VirtualCPU) throws(RealtimePolicyFailure) {
         guard let policy = policies[vcpu.id], policy.activation == .atStart else { return }
-        applyOnCurrentThread(vcpu: vcpu, policy: policy)
+        if let failure = applyOnCurrentThread(vcpu: vcpu, policy: policy), failureHandling == .refuseToRun {
+            throw failure
+        }
     }
 
     /// For `VirtualMachineRunner(onThreadEnd:)`.
@@ -151,29 +187,53 @@ public final class RealtimeVCPUScheduler: Sendable {
             states[vcpu.id] = VCPUState(status: .restored, saved: nil)
             return saved
         }
-        if let saved { RealtimeThreadPolicy.restore(saved, partition: partition) }
+        if let saved {
+            RealtimeThreadPolicy.restore(saved, partition: partition)
+            logger.debug("real-time policy restored", metadata: ["vcpu": "\(vcpu.id)"])
+        }
     }
 
-    /// Lets a deferred policy be activated: call with the runner's loops once it started.
-    public func attach(_ runner: VirtualMachineRunner) {
-        loops.withLock { loops in for loop in runner.loops { loops[loop.vcpu.id] = loop } }
+    /// Lets deferred policies be activated: call with the runner once it started.
+    public func attach(_ runner: VirtualMachineRunner) { attach(runner.loops) }
+
+    /// Lets deferred policies be activated on a VMM's own run loops.
+    public func attach(_ vcpuThreads: [any VCPUThreadWork]) {
+        threads.withLock { threads in for thread in vcpuThreads { threads[thread.vcpu.id] = thread } }
     }
 
     /// Applies `vcpu`'s deferred policy on its thread at its next exit (the vCPU is kicked).
+    /// If it fails and failures are refused, the vCPU is stopped.
     public func activate(vcpu: Int) {
-        guard let policy = policies[vcpu], let loop = loops.withLock({ $0[vcpu] }) else { return }
-        loop.performOnThread { [self] in applyOnCurrentThread(vcpu: loop.vcpu, policy: policy) }
+        guard let policy = policies[vcpu], let thread = threads.withLock({ $0[vcpu] }) else { return }
+        thread.performOnThread { [self] in
+            if applyOnCurrentThread(vcpu: thread.vcpu, policy: policy) != nil, failureHandling == .refuseToRun {
+                thread.requestStop()
+            }
+        }
     }
 
     /// First lets the hypervisor start the helper tasks of the VM's first run from this thread
     /// while it is still an ordinary thread (`VirtualCPU.prepareHostThread`), then applies.
-    private func applyOnCurrentThread(vcpu: any VirtualCPU, policy: RealtimePolicy) {
+    /// Returns the failure, if any (already logged).
+    private func applyOnCurrentThread(vcpu: any VirtualCPU, policy: RealtimePolicy) -> RealtimePolicyFailure? {
         do {
             try vcpu.prepareHostThread()
             let saved = try RealtimeThreadPolicy.apply(policy, partition: partition)
             states.withLock { $0[vcpu.id] = VCPUState(status: .applied(threadID: saved.threadID), saved: saved) }
+            logger.info("real-time policy applied",
+                        metadata: ["vcpu": "\(vcpu.id)", "class": "\(policy.schedulingClass)", "thread": "\(saved.threadID)"])
+            return nil
         } catch {
             states.withLock { $0[vcpu.id] = VCPUState(status: .failed("\(error)"), saved: nil) }
+            let failure = RealtimePolicyFailure(vcpu: vcpu.id, reason: "\(error)")
+            switch failureHandling {
+            case .refuseToRun:
+                logger.error("real-time policy failed; the vCPU does not run", metadata: ["vcpu": "\(vcpu.id)", "reason": "\(error)"])
+            case .degradeToNormalPriority:
+                logger.warning("real-time policy failed; the vCPU runs at its previous priority (degrading was allowed)",
+                               metadata: ["vcpu": "\(vcpu.id)", "reason": "\(error)"])
+            }
+            return failure
         }
     }
 }

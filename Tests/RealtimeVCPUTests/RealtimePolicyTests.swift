@@ -156,3 +156,48 @@ final class RealtimePolicyTests: XCTestCase {
         }
     }
 }
+
+/// A real-time policy that cannot be applied fails closed unless degrading was asked for.
+final class RealtimeFailureTests: XCTestCase {
+    /// A policy no host can apply (a CPU that does not exist): needs no privilege.
+    static let impossible = RealtimePolicy(schedulingClass: .other(), cpus: CPUSet([100_000]))
+
+    func testAFailedPolicyKeepsTheWholeVMFromRunning() throws {
+        let vm = try MockHypervisor().makeMockVirtualMachine()
+        let cpus = try (0..<2).map { try vm.makeMockVCPU(id: $0, script: [.halt]) }
+        let scheduler = RealtimeVCPUScheduler(policies: [1: Self.impossible])
+        XCTAssertThrowsError(try VirtualMachineRunner(vcpus: cpus, bus: IOBus(), onThreadStart: scheduler.threadStarted,
+                                                      onThreadEnd: scheduler.threadEnded)) { error in
+            guard case .threadSetupFailed(vcpu: 1, _)? = error as? VirtualMachineRunnerError else { return XCTFail("\(error)") }
+        }
+        XCTAssertEqual(cpus.map(\.runCount), [0, 0], "no vCPU entered the guest")
+        guard case .failed? = Optional(scheduler.status(vcpu: 1)) else { return XCTFail("\(scheduler.status(vcpu: 1))") }
+    }
+
+    func testDegradingIsAnExplicitOptIn() throws {
+        let vm = try MockHypervisor().makeMockVirtualMachine()
+        let cpu = try vm.makeMockVCPU(id: 0, script: [.halt])
+        let scheduler = RealtimeVCPUScheduler(policies: [0: Self.impossible], failureHandling: .degradeToNormalPriority)
+        let runner = try VirtualMachineRunner(vcpus: [cpu], bus: IOBus(), onThreadStart: scheduler.threadStarted,
+                                              onThreadEnd: scheduler.threadEnded)
+        XCTAssertEqual(runner.waitForAll(timeoutNanoseconds: 10_000_000_000), [.halted], "it ran at its previous priority")
+        guard case .failed? = Optional(scheduler.status(vcpu: 0)) else { return XCTFail("\(scheduler.status(vcpu: 0))") }
+    }
+
+    func testAFailedDeferredPolicyStopsTheVCPU() throws {
+        let vm = try MockHypervisor().makeMockVirtualMachine()
+        let cpus = try (0..<2).map { try vm.makeMockVCPU(id: $0) } // block until kicked
+        var deferred = Self.impossible
+        deferred.activation = .onRequest
+        let scheduler = RealtimeVCPUScheduler(policies: [0: deferred])
+        let runner = try VirtualMachineRunner(vcpus: cpus, bus: IOBus(), onThreadStart: scheduler.threadStarted,
+                                              onThreadEnd: scheduler.threadEnded)
+        scheduler.attach(runner)
+        scheduler.activate(vcpu: 0)
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while runner.stopReasons[0] == nil, monotonicNanoseconds() < deadline { usleep(1_000) }
+        XCTAssertEqual(runner.stopReasons[0], .stopRequested, "vCPU 0 was stopped")
+        XCTAssertNil(runner.stopReasons[1], "vCPU 1 runs on")
+        runner.stopAndWait()
+    }
+}

@@ -11,6 +11,7 @@ let package = Package(
         .library(name: "CgroupScheduler", targets: ["CgroupScheduler"]),
         .library(name: "RTVirtTesting", targets: ["RTVirtTesting"]),
         .library(name: "RTVirtGuestImage", targets: ["RTVirtGuestImage"]),
+        .library(name: "VMRPCSockets", targets: ["VMRPCSockets"]),
         .executable(name: "rtvirt", targets: ["rtvirt"]),
     ],
     dependencies: [
@@ -25,6 +26,8 @@ let package = Package(
         // The freestanding guest header `rtvirt_vmrpc.h` (used by Guest/) plus host-side
         // wrappers that let the Swift tests check the C encoding against the test vectors.
         .target(name: "CVMRPCGuest"),
+        // Socket calls of VMRPCSockets that Swift handles awkwardly (sockaddr, mmsghdr, setns).
+        .target(name: "CSocketsSupport"),
         .systemLibrary(
             name: "CLibcgroup",
             pkgConfig: "libcgroup",
@@ -58,6 +61,7 @@ let package = Package(
             dependencies: ["RTVirtCore", "CLibcgroup", "CLibnuma", "CLinuxSupport"]
         ),
         .target(name: "RTVirtTesting", dependencies: ["RTVirtCore"]),
+        .target(name: "VMRPCSockets", dependencies: ["VMRPC", "RTVirtCore", "CSocketsSupport"]),
 
         // MARK: Fuzzing of the VMRPC server (Docs/Fuzzing.md)
         .target(name: "VMRPCFuzzHarness", dependencies: ["VMRPC", "RTVirtTesting", "RTVirtCore"]),

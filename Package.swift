@@ -64,7 +64,7 @@ let package = Package(
         .target(name: "VMRPCSockets", dependencies: ["VMRPC", "RTVirtCore", "CSocketsSupport"]),
 
         // MARK: Fuzzing of the VMRPC server (Docs/Fuzzing.md)
-        .target(name: "VMRPCFuzzHarness", dependencies: ["VMRPC", "RTVirtTesting", "RTVirtCore"]),
+        .target(name: "VMRPCFuzzHarness", dependencies: ["VMRPC", "RTVirtTesting", "RTVirtCore", "VMRPCSockets"]),
         .executableTarget(name: "VMRPCFuzzer", dependencies: ["VMRPCFuzzHarness"]),
 
         // MARK: The bundled guest, built from Guest/ by a build-tool plugin
@@ -100,6 +100,11 @@ let package = Package(
             name: "VMRPCTests",
             dependencies: ["VMRPC", "RTVirtTesting", "CVMRPCGuest", "VMRPCFuzzHarness"],
             exclude: ["FuzzCorpus"]
+        ),
+        .testTarget(
+            name: "VMRPCSocketsTests",
+            dependencies: ["VMRPCSockets", "VMRPC", "RTVirtCore", "RTVirtTesting", "CVMRPCGuest", "VMRPCFuzzHarness",
+                           "KVMBackend", "RTVirtGuestImage"]
         ),
         .testTarget(name: "CgroupSchedulerTests", dependencies: ["CgroupScheduler"]),
         .testTarget(name: "RTVirtTestingTests", dependencies: ["RTVirtTesting"]),

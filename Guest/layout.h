@@ -38,6 +38,8 @@
 #define GUEST_MODE_CYCLIC_LONG_POLL  8 /* RSI periods of RDX TSC cycles, waiting with VMRPC timer.sleepUntil (CPL 3) */
 #define GUEST_MODE_STRING_IO 10 /* rep outsb of "RTV!" to the result port; rep insw of 3 words from the input port, each reported */
 #define GUEST_MODE_CYCLIC_INTERRUPT 9 /* the same with the LAPIC TSC-deadline timer, sti; hlt (CPL 0, needs the irqchip) */
+#define GUEST_MODE_UDP_ECHO 11 /* net.*: UDP echo on port RSI & 0xFFFF (IPv6 if RSI bit 16), RDX datagrams per batch (<= 1: receiveFrom/sendTo) */
+#define GUEST_MODE_TCP_ECHO 12 /* net.*: TCP echo server on port RSI & 0xFFFF (IPv6 if RSI bit 16), one connection at a time */
 
 /* The cyclic modes store, per period i, (TSC at resume - deadline i) as a signed 64-bit value:
  * the interrupt mode at data[i]; the long-poll mode at data[2i], with data[2i + 1] its arrival
@@ -49,5 +51,13 @@
 #define GUEST_REVERSE_STOP 2 /* reply, then exit with status 0 */
 
 #define GUEST_STATUS_BAD_MODE 0xBAD0
+
+/* The echo modes report this on the result port once their socket is bound (and listening),
+ * then per connection (TCP) GUEST_NET_ACCEPTED. They exit 0 when the host cancels their wait
+ * (the VM stops), 0x100 + a VMRPC status or 0x200 + a socket status on a failure. Each batch
+ * record is GUEST_NET_STRIDE bytes. */
+#define GUEST_NET_READY    0x4E455452 /* "RTEN" */
+#define GUEST_NET_ACCEPTED 0x4E455441
+#define GUEST_NET_STRIDE   2048
 
 #endif

@@ -177,11 +177,20 @@ public struct VMNetworkConfiguration: Equatable, Sendable {
     /// Give the namespace a default route through the host end (for each family with addresses).
     /// Off by default: the guest then reaches only the veth's subnets.
     public var defaultRouteThroughHost: Bool
+    /// Where the other end of the veth goes: nil, the VMM's own namespace; or another namespace
+    /// RTVirt created (a test client's, so that no packet touches the VMM's namespace).
+    public var peerNamespace: NetworkNamespace?
 
     /// A configuration.
-    public init(label: String = "vm", hostAddresses: [IPPrefix], guestAddresses: [IPPrefix], defaultRouteThroughHost: Bool = false) {
+    public init(label: String = "vm", hostAddresses: [IPPrefix], guestAddresses: [IPPrefix], defaultRouteThroughHost: Bool = false,
+                peerNamespace: NetworkNamespace? = nil) {
         self.label = label; self.hostAddresses = hostAddresses; self.guestAddresses = guestAddresses
-        self.defaultRouteThroughHost = defaultRouteThroughHost
+        self.defaultRouteThroughHost = defaultRouteThroughHost; self.peerNamespace = peerNamespace
+    }
+
+    public static func == (left: VMNetworkConfiguration, right: VMNetworkConfiguration) -> Bool {
+        left.label == right.label && left.hostAddresses == right.hostAddresses && left.guestAddresses == right.guestAddresses
+            && left.defaultRouteThroughHost == right.defaultRouteThroughHost && left.peerNamespace === right.peerNamespace
     }
 }
 
@@ -190,7 +199,7 @@ public struct VMNetworkConfiguration: Equatable, Sendable {
 public final class VMNetwork: Sendable {
     /// The namespace the guest's sockets live in.
     public let namespace: NetworkNamespace
-    /// The veth end in the VMM's namespace: `rtv<pid>h<n>`.
+    /// The veth end in the VMM's namespace (or the peer namespace): `rtv<pid>h<n>`.
     public let hostInterface: String
     /// The veth end inside the namespace.
     public let guestInterface = "eth0"
@@ -207,10 +216,17 @@ public final class VMNetwork: Sendable {
         do throws(NetworkNamespaceError) {
             guard let name = namespace.name else { throw .invalidName(namespace.path) }
             try IPTool.run(["link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", name])
-            for prefix in configuration.hostAddresses {
-                try IPTool.run(["address", "add", prefix.description, "dev", host] + (prefix.address.family == .ipv6 ? ["nodad"] : []))
+            // Commands for the peer end: in the VMM's namespace, or inside the peer namespace.
+            var peer: [String] = []
+            if let peerNamespace = configuration.peerNamespace {
+                guard let peerName = peerNamespace.name else { throw .invalidName(peerNamespace.path) }
+                try IPTool.run(["link", "set", host, "netns", peerName])
+                peer = ["-n", peerName]
             }
-            try IPTool.run(["link", "set", host, "up"])
+            for prefix in configuration.hostAddresses {
+                try IPTool.run(peer + ["address", "add", prefix.description, "dev", host] + (prefix.address.family == .ipv6 ? ["nodad"] : []))
+            }
+            try IPTool.run(peer + ["link", "set", host, "up"])
             for prefix in configuration.guestAddresses {
                 try namespace.ip(["address", "add", prefix.description, "dev", "eth0"] + (prefix.address.family == .ipv6 ? ["nodad"] : []))
             }
@@ -223,6 +239,7 @@ public final class VMNetwork: Sendable {
             }
         } catch {
             _ = try? IPTool.run(["link", "delete", host])
+            if let peerName = configuration.peerNamespace?.name { _ = try? IPTool.run(["-n", peerName, "link", "delete", host]) }
             namespace.remove()
             throw error
         }
@@ -244,7 +261,11 @@ public final class VMNetwork: Sendable {
             return !removed
         }
         guard first else { return }
-        _ = try? IPTool.run(["link", "delete", hostInterface])
+        if let peerName = configuration.peerNamespace?.name {
+            _ = try? IPTool.run(["-n", peerName, "link", "delete", hostInterface])
+        } else {
+            _ = try? IPTool.run(["link", "delete", hostInterface])
+        }
         namespace.remove()
     }
 

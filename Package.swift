@@ -84,7 +84,7 @@ let package = Package(
         .executableTarget(
             name: "rtvirt",
             dependencies: [
-                "RTVirtCore", "KVMBackend", "VMRPC", "CgroupScheduler", "RTVirtGuestImage",
+                "RTVirtCore", "KVMBackend", "VMRPC", "CgroupScheduler", "RTVirtGuestImage", "VMRPCSockets",
                 "CLinuxSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]

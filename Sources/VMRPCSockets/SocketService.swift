@@ -467,13 +467,16 @@ public final class VMRPCSocketService: Sendable {
                 datagram.source.encode(into: &writer)
                 buffer.replaceSubrange(index * stride..<index * stride + header, with: writer.bytes)
                 bytes += UInt64(datagram.length)
+                // Record `index`'s header and payload only: inside [address, address + count·stride),
+                // since index < count and header + length ≤ stride.
+                let record = index * stride
+                guard (try? memory.write(bytes: buffer[record..<record + header + datagram.length],
+                                         at: GuestAddress(address + UInt64(record)))) != nil else {
+                    return .done(.ok(SocketResult(.bufferOutOfRange)))
+                }
             }
             counters.receives.wrappingAdd(UInt64(received.count), ordering: .relaxed)
             counters.bytesReceived.wrappingAdd(bytes, ordering: .relaxed)
-            // Written only inside [address, address + count·stride): received.count ≤ count.
-            guard (try? memory.write(bytes: buffer.prefix(received.count * stride), at: GuestAddress(address))) != nil else {
-                return .done(.ok(SocketResult(.bufferOutOfRange)))
-            }
             return .done(.ok(SocketResult(.ok, value: UInt32(received.count))))
         }
     }
@@ -483,18 +486,22 @@ public final class VMRPCSocketService: Sendable {
         guard socket.type == .datagram else { return .ok(SocketResult(.invalidArgument)) }
         let covered = arguments.coveredLength, stride = Int(arguments.stride)
         guard covered <= policy.maximumBytesPerCall else { return denied(.ok(SocketResult(.denied))) }
-        // Read once into host memory, then validate the copy.
-        guard let buffer = try? memory.readBytes(count: covered, at: GuestAddress(arguments.bufferAddress)) else {
-            return .ok(SocketResult(.bufferOutOfRange))
-        }
+        guard guestRangeIsValid(arguments.bufferAddress, covered) else { return .ok(SocketResult(.bufferOutOfRange)) }
+        // Each record's header is read once into host memory and validated there; then its payload
+        // (of the validated length) is read once. Nothing is read twice, nothing outside the records.
         let header = SocketWire.batchRecordHeaderSize
+        var buffer = [UInt8](repeating: 0, count: covered)
         var datagrams: [SocketBatchDatagram] = []
         var refused = false
         for index in 0..<Int(arguments.count) {
             let start = index * stride
+            let recordAddress = GuestAddress(arguments.bufferAddress + UInt64(start))
+            guard let headerBytes = try? memory.readBytes(count: header, at: recordAddress) else {
+                return .ok(SocketResult(.bufferOutOfRange))
+            }
             let record: (length: UInt32, flags: UInt32, endpoint: SocketEndpoint)
             do throws(VMRPCStatus) {
-                record = try withBytes(buffer[start..<start + header]) { (bytes) throws(VMRPCStatus) in
+                record = try withBytes(headerBytes[...]) { (bytes) throws(VMRPCStatus) in
                     var reader = VMRPCByteReader(bytes)
                     return (try reader.read(), try reader.read(), try SocketEndpoint(decoding: &reader))
                 }
@@ -506,16 +513,22 @@ public final class VMRPCSocketService: Sendable {
                 guard address.family == socket.family else { return .ok(SocketResult(.invalidArgument)) }
                 if !policy.allowsRemote(record.endpoint) { refused = true }
             }
+            if record.length > 0 {
+                guard let payload = try? memory.readBytes(count: Int(record.length), at: GuestAddress(recordAddress.rawValue + UInt64(header))) else {
+                    return .ok(SocketResult(.bufferOutOfRange))
+                }
+                buffer.replaceSubrange(start + header..<start + header + payload.count, with: payload)
+            }
             datagrams.append(SocketBatchDatagram(offset: start + header, length: Int(record.length),
                                                  destination: record.endpoint.address == nil ? nil : record.endpoint))
         }
         // One refused destination refuses the whole batch: nothing is sent.
         if refused { return denied(.ok(SocketResult(.denied))) }
-        let backend = self.backend, counters = self.counters, records = datagrams
+        let backend = self.backend, counters = self.counters, records = datagrams, payloads = buffer
         return blocking(socket, handle: arguments.handle, events: Int16(POLLOUT), timeout: arguments.timeoutNanoseconds,
                         wouldBlock: .ok(SocketResult(.wouldBlock)), closed: .ok(SocketResult(.badHandle))) {
             let sent: Int
-            do throws(SocketErrno) { sent = try withBytes(buffer[...]) { (bytes) throws(SocketErrno) in try backend.sendBatch(socket.descriptor, from: bytes, datagrams: records) } } catch {
+            do throws(SocketErrno) { sent = try withBytes(payloads[...]) { (bytes) throws(SocketErrno) in try backend.sendBatch(socket.descriptor, from: bytes, datagrams: records) } } catch {
                 if error.status == .wouldBlock { return .wouldBlock }
                 return .done(.ok(SocketResult(error.status)))
             }

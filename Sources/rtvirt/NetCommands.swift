@@ -240,7 +240,7 @@ struct NetBenchCommand: ParsableCommand {
             one server at a time, in interleaved rounds, and counts the echoes.
             """)
 
-    @Option(help: "Datagrams per batch call, guest and host alike (1...64).") var batch = 32
+    @Option(help: "Datagrams per batch call, guest and host alike (1...64).") var batch = 64
     @Option(help: "Payload bytes per datagram.") var size = 64
     @Option(help: "Datagrams the client keeps in flight.") var window = 128
     @Option(help: "Rounds per server, interleaved.") var rounds = 5

@@ -257,6 +257,22 @@ struct NetBenchCommand: ParsableCommand {
     }
 
     func run() throws {
+        let report = try Self.measure(batch: batch, size: size, window: window, rounds: rounds, roundSeconds: roundSeconds,
+                                      cpu: cpu, clientCPU: clientCPU)
+        if json { return try printJSON(report) }
+        let module = KVMHostInfo.detectModule()
+        print("KVM backend: \(module.rawValue) — \(module.implication)")
+        print("UDP echo, \(size)-byte datagrams, \(window) in flight, batch \(batch), both servers on CPU \(cpu), client on CPU \(clientCPU)")
+        print("round   host-native pps   guest pps")
+        for (index, (hostRate, guestRate)) in zip(report.hostRounds, report.guestRounds).enumerated() {
+            print(String(format: "%5d   %15.0f   %9.0f", index + 1, hostRate, guestRate))
+        }
+        print(String(format: "median  %15.0f   %9.0f   ratio (guest / host) %.3f", report.hostPps, report.guestPps, report.ratio))
+    }
+
+    /// Sets up both echo servers and the client, runs the interleaved rounds, removes everything.
+    static func measure(batch: Int, size: Int, window: Int, rounds: Int, roundSeconds: Double, cpu: Int,
+                        clientCPU: Int) throws -> NetBenchReport {
         let client = try NetworkNamespace.create(label: "bench-c")
         defer { client.remove() }
         let network = try VMNetwork(VMNetworkConfiguration(label: "bench", hostAddresses: [IPPrefix("198.18.9.1/24")!],
@@ -295,16 +311,8 @@ struct NetBenchCommand: ParsableCommand {
         }
         let hostPps = median(hostRounds), guestPps = median(guestRounds)
         let module = KVMHostInfo.detectModule()
-        let report = NetBenchReport(hostPps: hostPps, guestPps: guestPps, ratio: hostPps > 0 ? guestPps / hostPps : 0, batch: batch,
-                                    payloadBytes: size, window: window, rounds: rounds, roundSeconds: roundSeconds,
-                                    hostRounds: hostRounds, guestRounds: guestRounds, kvmModule: module.rawValue, nested: module == .pvm)
-        if json { return try printJSON(report) }
-        print("KVM backend: \(module.rawValue) — \(module.implication)")
-        print("UDP echo, \(size)-byte datagrams, \(window) in flight, batch \(batch), both servers on CPU \(cpu), client on CPU \(clientCPU)")
-        print("round   host-native pps   guest pps")
-        for (index, (hostRate, guestRate)) in zip(hostRounds, guestRounds).enumerated() {
-            print(String(format: "%5d   %15.0f   %9.0f", index + 1, hostRate, guestRate))
-        }
-        print(String(format: "median  %15.0f   %9.0f   ratio (guest / host) %.3f", hostPps, guestPps, report.ratio))
+        return NetBenchReport(hostPps: hostPps, guestPps: guestPps, ratio: hostPps > 0 ? guestPps / hostPps : 0, batch: batch,
+                              payloadBytes: size, window: window, rounds: rounds, roundSeconds: roundSeconds,
+                              hostRounds: hostRounds, guestRounds: guestRounds, kvmModule: module.rawValue, nested: module == .pvm)
     }
 }

@@ -66,6 +66,7 @@ let package = Package(
         // MARK: Fuzzing of the VMRPC server (Docs/Fuzzing.md)
         .target(name: "VMRPCFuzzHarness", dependencies: ["VMRPC", "RTVirtTesting", "RTVirtCore", "VMRPCSockets"]),
         .executableTarget(name: "VMRPCFuzzer", dependencies: ["VMRPCFuzzHarness"]),
+        .executableTarget(name: "VMRPCSocketsFuzzer", dependencies: ["VMRPCFuzzHarness"]),
 
         // MARK: The bundled guest, built from Guest/ by a build-tool plugin
         .executableTarget(name: "GuestImageEmbedder", path: "Plugins/GuestImageEmbedder"),

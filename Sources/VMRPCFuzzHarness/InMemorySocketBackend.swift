@@ -192,6 +192,7 @@ public final class InMemorySocketBackend: SocketBackend {
                 let (bytes, source) = socket.inbound.removeFirst()
                 let length = min(bytes.count, capacity)
                 let start = received.count * stride + headerSize
+                // Sound: start + length ≤ received.count·stride + header + capacity ≤ count·stride ≤ buffer.count (checked above).
                 UnsafeMutableRawBufferPointer(rebasing: buffer[start..<start + length]).copyBytes(from: bytes.prefix(length))
                 received.append(SocketReceivedDatagram(length: length, truncated: length < bytes.count, source: source))
             }

@@ -196,6 +196,7 @@ public final class HostSocketBackend: SocketBackend {
             rtv_sock_datagram(data: (base + index * stride + headerSize).assumingMemoryBound(to: UInt8.self),
                               capacity: UInt32(capacity), length: 0, truncated: 0, reserved: 0, endpoint: rtv_sock_endpoint())
         }
+        // Sound: the C call fills at most `count` entries of the array, during the call.
         let received = try Self.check(datagrams.withUnsafeMutableBufferPointer {
             rtv_sock_receive_batch(descriptor, $0.baseAddress, UInt32($0.count))
         })
@@ -215,6 +216,7 @@ public final class HostSocketBackend: SocketBackend {
                               capacity: UInt32(datagram.length), length: UInt32(datagram.length), truncated: 0, reserved: 0,
                               endpoint: datagram.destination.map(Self.endpoint) ?? rtv_sock_endpoint())
         }
+        // Sound: the C call reads `count` entries of the array, during the call.
         return Int(try Self.check(raw.withUnsafeMutableBufferPointer { rtv_sock_send_batch(descriptor, $0.baseAddress, UInt32($0.count)) }))
     }
 
@@ -230,6 +232,7 @@ public final class HostSocketBackend: SocketBackend {
 
     public func readiness(_ descriptors: [PollDescriptor]) -> [PollDescriptor] {
         var fds = descriptors.map { pollfd(fd: $0.fd, events: $0.events, revents: 0) }
+        // Sound: poll writes only the `count` entries of the array it is given, during the call.
         let result = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), 0) }
         return descriptors.enumerated().map { index, descriptor in
             PollDescriptor(fd: descriptor.fd, events: descriptor.events, returnedEvents: result > 0 ? fds[index].revents : 0)

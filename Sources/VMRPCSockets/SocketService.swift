@@ -541,6 +541,7 @@ public final class VMRPCSocketService: Sendable {
 
 /// `withUnsafeBytes` with a typed error (the standard library's is `rethrows`, untyped).
 func withBytes<R, E: Error>(_ bytes: ArraySlice<UInt8>, _ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {
+    // Sound: the pointer is used only inside `body`, while the slice is alive.
     let result: Result<R, E> = bytes.withUnsafeBytes { buffer in
         do throws(E) { return .success(try body(buffer)) } catch { return .failure(error) }
     }
@@ -549,6 +550,7 @@ func withBytes<R, E: Error>(_ bytes: ArraySlice<UInt8>, _ body: (UnsafeRawBuffer
 
 /// `withUnsafeMutableBytes` with a typed error.
 func withMutableBytes<R, E: Error>(_ bytes: inout [UInt8], _ body: (UnsafeMutableRawBufferPointer) throws(E) -> R) throws(E) -> R {
+    // Sound: the pointer is used only inside `body`, while the array is alive and not otherwise accessed.
     let result: Result<R, E> = bytes.withUnsafeMutableBytes { buffer in
         do throws(E) { return .success(try body(buffer)) } catch { return .failure(error) }
     }

@@ -13,6 +13,7 @@ let package = Package(
         .library(name: "CgroupScheduler", targets: ["CgroupScheduler"]),
         .library(name: "RTVirtTesting", targets: ["RTVirtTesting"]),
         .library(name: "RTVirtGuestImage", targets: ["RTVirtGuestImage"]),
+        .library(name: "VMRPCSockets", targets: ["VMRPCSockets"]),
         .executable(name: "rtvirt", targets: ["rtvirt"]),
     ],
     dependencies: [
@@ -28,6 +29,8 @@ let package = Package(
         // The freestanding guest header `rtvirt_vmrpc.h` (used by Guest/) plus host-side
         // wrappers that let the Swift tests check the C encoding against the test vectors.
         .target(name: "CVMRPCGuest"),
+        // Socket calls of VMRPCSockets that Swift handles awkwardly (sockaddr, mmsghdr, setns).
+        .target(name: "CSocketsSupport"),
         .systemLibrary(
             name: "CLibcgroup",
             pkgConfig: "libcgroup",
@@ -79,10 +82,12 @@ let package = Package(
             dependencies: ["RTVirtCore", "RealtimeVCPU", "CLibcgroup", "CLibnuma", "CLinuxSupport"]
         ),
         .target(name: "RTVirtTesting", dependencies: ["RTVirtCore", "LongPoll"]),
+        .target(name: "VMRPCSockets", dependencies: ["VMRPC", "RTVirtCore", "LongPoll", "CSocketsSupport"]),
 
         // MARK: Fuzzing of the VMRPC server (Docs/Fuzzing.md)
-        .target(name: "VMRPCFuzzHarness", dependencies: ["VMRPC", "RTVirtTesting", "RTVirtCore", "LongPoll"]),
+        .target(name: "VMRPCFuzzHarness", dependencies: ["VMRPC", "RTVirtTesting", "RTVirtCore", "LongPoll", "VMRPCSockets"]),
         .executableTarget(name: "VMRPCFuzzer", dependencies: ["VMRPCFuzzHarness"]),
+        .executableTarget(name: "VMRPCSocketsFuzzer", dependencies: ["VMRPCFuzzHarness"]),
 
         // MARK: The bundled guest, built from Guest/ by a build-tool plugin
         .executableTarget(name: "GuestImageEmbedder", path: "Plugins/GuestImageEmbedder"),
@@ -102,7 +107,7 @@ let package = Package(
             name: "rtvirt",
             dependencies: [
                 "RTVirtCore", "LongPoll", "RealtimeVCPU", "X86GuestSetup", "KVMBackend", "VMRPC", "CgroupScheduler",
-                "RTVirtGuestImage", "CLinuxSupport", "CZlib",
+                "RTVirtGuestImage", "VMRPCSockets", "CLinuxSupport", "CZlib",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
@@ -122,11 +127,16 @@ let package = Package(
             dependencies: ["VMRPC", "LongPoll", "RTVirtTesting", "CVMRPCGuest", "VMRPCFuzzHarness"],
             exclude: ["FuzzCorpus"]
         ),
+        .testTarget(
+            name: "VMRPCSocketsTests",
+            dependencies: ["VMRPCSockets", "VMRPC", "LongPoll", "RTVirtCore", "RTVirtTesting", "CVMRPCGuest", "VMRPCFuzzHarness",
+                           "KVMBackend", "RTVirtGuestImage"]
+        ),
         .testTarget(name: "CgroupSchedulerTests", dependencies: ["CgroupScheduler", "RealtimeVCPU", "RTVirtTesting"]),
         .testTarget(name: "RTVirtTestingTests", dependencies: ["RTVirtTesting", "LongPoll"]),
         .testTarget(name: "IntegrationTests", dependencies: [
             "rtvirt", "CgroupScheduler", "KVMBackend", "RTVirtCore", "LongPoll", "RealtimeVCPU", "X86GuestSetup", "VMRPC",
-            "RTVirtGuestImage", "RTVirtTesting", "CZlib",
+            "RTVirtGuestImage", "RTVirtTesting", "VMRPCSockets", "CZlib",
             .product(name: "Histogram", package: "hdrhistogram-swift"),
         ]),
     ],

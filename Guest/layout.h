@@ -43,6 +43,8 @@
                                            * the number of interrupts taken are reported */
 #define GUEST_MODE_CYCLIC_LONG_POLL_RAW 11 /* mode 8 with the 8-byte timer.sleepUntil and no guest-side spin (CPL 3) */
 #define GUEST_MODE_SLEEP_CHECK 12 /* RSI sleeps of RDX TSC cycles with VMRPC timer.sleepUntil (8-byte form, no guest spin) */
+#define GUEST_MODE_UDP_ECHO 13 /* net.*: UDP echo on port RSI & 0xFFFF (IPv6 if RSI bit 16), RDX datagrams per batch (<= 1: receiveFrom/sendTo) */
+#define GUEST_MODE_TCP_ECHO 14 /* net.*: TCP echo server on port RSI & 0xFFFF (IPv6 if RSI bit 16), one connection at a time */
 
 /* The cyclic modes store, per period i, (TSC at resume - deadline i) as a signed 64-bit value:
  * the interrupt mode at data[i]; the long-poll modes at data[2i], with data[2i + 1] the arrival
@@ -59,5 +61,13 @@
 #define GUEST_REVERSE_STOP 2 /* reply, then exit with status 0 */
 
 #define GUEST_STATUS_BAD_MODE 0xBAD0
+
+/* The echo modes report this on the result port once their socket is bound (and listening),
+ * then per connection (TCP) GUEST_NET_ACCEPTED. They exit 0 when the host cancels their wait
+ * (the VM stops), 0x100 + a VMRPC status or 0x200 + a socket status on a failure. Each batch
+ * record is GUEST_NET_STRIDE bytes. */
+#define GUEST_NET_READY    0x4E455452 /* "RTEN" */
+#define GUEST_NET_ACCEPTED 0x4E455441
+#define GUEST_NET_STRIDE   2048
 
 #endif

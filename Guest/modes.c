@@ -4,6 +4,7 @@
 
 #include "layout.h"
 #include "rtvirt_vmrpc.h"
+#include "rtvirt_sockets.h"
 
 /* The compiler may emit calls to these for struct copies. */
 void *memcpy(void *to, const void *from, unsigned long length) {
@@ -211,6 +212,115 @@ static uint32_t sleep_check(volatile uint8_t *slot, uint64_t count, uint64_t len
     return 0;
 }
 
+/* One net.* call through the port doorbell; *net gets the socket status. */
+static uint32_t net_call(volatile uint8_t *slot, uint32_t procedure, const void *arguments, uint32_t length,
+                         void *results, uint32_t capacity, uint32_t *net) {
+    return rtv_net_call(slot, GUEST_PORT_DOORBELL, ++sequence, procedure, arguments, length, results, capacity, net);
+}
+
+#define NET_WAIT_NS 1000000000ull
+#define NET_CHECK(call) do { uint32_t s_ = (call); if (s_ == RTV_VMRPC_CANCELLED) return 0; \
+                             if (s_ != RTV_VMRPC_OK) return 0x100 + s_; if (net != RTV_NET_OK) return 0x200 + net; } while (0)
+
+/* Opens a socket of `type` and binds it to the unspecified address and `port`. */
+static uint32_t net_open_bound(volatile uint8_t *slot, uint16_t family, uint16_t type, uint16_t port, uint64_t *handle) {
+    uint32_t net;
+    struct rtv_net_open_args open = { family, type, 0 };
+    struct rtv_net_open_result opened;
+    NET_CHECK(net_call(slot, RTV_NET_PROC_OPEN, &open, sizeof(open), &opened, sizeof(opened), &net));
+    struct rtv_net_bind_args bind = { opened.handle, rtv_net_any(family, port) };
+    NET_CHECK(net_call(slot, RTV_NET_PROC_BIND, &bind, sizeof(bind), 0, 0, &net));
+    *handle = opened.handle;
+    return 0;
+}
+
+/* UDP echo at CPL 3: long-poll receives (parked in the host until a datagram arrives), each
+ * datagram sent back to its source. batch <= 1: net.receiveFrom / net.sendTo with the payload
+ * in the slot; otherwise net.receiveBatch / net.sendBatch of up to `batch` records in the data
+ * buffer, sent back from the same records (each holds its source address). */
+static uint32_t udp_echo(volatile uint8_t *slot, uint64_t arg0, uint64_t batch, uint8_t *data) {
+    uint16_t family = (arg0 >> 16) & 1 ? RTV_NET_FAMILY_IPV6 : RTV_NET_FAMILY_IPV4;
+    uint64_t handle;
+    uint32_t net, status = net_open_bound(slot, family, RTV_NET_TYPE_DATAGRAM, (uint16_t)arg0, &handle);
+    if (status) return status;
+    if (batch > RTV_NET_BATCH_MAX) batch = RTV_NET_BATCH_MAX;
+    report(GUEST_NET_READY);
+    uint8_t *send_area = data + (RTV_NET_BATCH_MAX + 1) * GUEST_NET_STRIDE;
+    for (;;) {
+        if (batch <= 1) {
+            struct rtv_net_receive_args receive = { handle, NET_WAIT_NS, 0, RTV_NET_INLINE_MAX, 0 };
+            status = net_call(slot, RTV_NET_PROC_RECEIVE_FROM, &receive, sizeof(receive), data,
+                              sizeof(struct rtv_net_receive_result) + RTV_NET_INLINE_MAX, &net);
+            if (status == RTV_VMRPC_TIMED_OUT) continue;
+            NET_CHECK(status);
+            struct rtv_net_receive_result received;
+            memcpy(&received, data, sizeof(received));
+            struct rtv_net_send_to_args send = { { handle, NET_WAIT_NS, 0, received.length, 0 }, received.source };
+            memcpy(send_area, &send, sizeof(send));
+            memcpy(send_area + sizeof(send), data + sizeof(received), received.length);
+            NET_CHECK(net_call(slot, RTV_NET_PROC_SEND_TO, send_area, sizeof(send) + received.length, 0, 0, &net));
+        } else {
+            struct rtv_net_batch_args receive = { handle, NET_WAIT_NS, 0, (uint32_t)batch, (uint64_t)data,
+                                                  (uint32_t)batch * GUEST_NET_STRIDE, GUEST_NET_STRIDE };
+            struct rtv_net_result result;
+            status = net_call(slot, RTV_NET_PROC_RECEIVE_BATCH, &receive, sizeof(receive), &result, sizeof(result), &net);
+            if (status == RTV_VMRPC_TIMED_OUT) continue;
+            NET_CHECK(status);
+            /* Records come back with flags set only for truncation; send needs them 0. */
+            for (uint32_t i = 0; i < result.value; i++) ((struct rtv_net_batch_record *)(data + i * GUEST_NET_STRIDE))->flags = 0;
+            struct rtv_net_batch_args send = { handle, NET_WAIT_NS, 0, result.value, (uint64_t)data,
+                                               result.value * GUEST_NET_STRIDE, GUEST_NET_STRIDE };
+            NET_CHECK(net_call(slot, RTV_NET_PROC_SEND_BATCH, &send, sizeof(send), &result, sizeof(result), &net));
+        }
+    }
+}
+
+/* TCP echo at CPL 3: accept (long poll), then receive and send back until the peer closes. */
+static uint32_t tcp_echo(volatile uint8_t *slot, uint64_t arg0, uint8_t *data) {
+    uint16_t family = (arg0 >> 16) & 1 ? RTV_NET_FAMILY_IPV6 : RTV_NET_FAMILY_IPV4;
+    uint64_t listener;
+    uint32_t net, status = net_open_bound(slot, family, RTV_NET_TYPE_STREAM, (uint16_t)arg0, &listener);
+    if (status) return status;
+    struct rtv_net_control_args listen = { listener, 8, 0 };
+    NET_CHECK(net_call(slot, RTV_NET_PROC_LISTEN, &listen, sizeof(listen), 0, 0, &net));
+    report(GUEST_NET_READY);
+    uint8_t *send_area = data + 8192;
+    for (;;) {
+        struct rtv_net_accept_args accept = { listener, NET_WAIT_NS };
+        struct rtv_net_accept_result accepted;
+        status = net_call(slot, RTV_NET_PROC_ACCEPT, &accept, sizeof(accept), &accepted, sizeof(accepted), &net);
+        if (status == RTV_VMRPC_TIMED_OUT) continue;
+        NET_CHECK(status);
+        report(GUEST_NET_ACCEPTED);
+        struct rtv_net_control_args nodelay = { accepted.handle, RTV_NET_OPTION_TCP_NODELAY, 1 };
+        NET_CHECK(net_call(slot, RTV_NET_PROC_SET_OPTION, &nodelay, sizeof(nodelay), 0, 0, &net));
+        for (;;) {
+            struct rtv_net_receive_args receive = { accepted.handle, NET_WAIT_NS, 0, RTV_NET_INLINE_MAX, 0 };
+            status = net_call(slot, RTV_NET_PROC_RECEIVE, &receive, sizeof(receive), data,
+                              sizeof(struct rtv_net_receive_result) + RTV_NET_INLINE_MAX, &net);
+            if (status == RTV_VMRPC_TIMED_OUT) continue;
+            if (status == RTV_VMRPC_CANCELLED) return 0;
+            if (status != RTV_VMRPC_OK) return 0x100 + status;
+            struct rtv_net_receive_result received;
+            memcpy(&received, data, sizeof(received));
+            if (net != RTV_NET_OK || received.length == 0) break; /* reset or closed by the peer */
+            uint32_t offset = 0;
+            while (offset < received.length) {
+                struct rtv_net_send_args send = { accepted.handle, NET_WAIT_NS, 0, received.length - offset, 0 };
+                memcpy(send_area, &send, sizeof(send));
+                memcpy(send_area + sizeof(send), data + sizeof(received) + offset, send.length);
+                struct rtv_net_result sent;
+                status = net_call(slot, RTV_NET_PROC_SEND, send_area, sizeof(send) + send.length, &sent, sizeof(sent), &net);
+                if (status == RTV_VMRPC_CANCELLED) return 0;
+                if (status != RTV_VMRPC_OK || net != RTV_NET_OK || sent.value == 0) break;
+                offset += sent.value;
+            }
+        }
+        struct rtv_net_handle_args close = { accepted.handle };
+        NET_CHECK(net_call(slot, RTV_NET_PROC_CLOSE, &close, sizeof(close), 0, 0, &net));
+    }
+}
+
 uint32_t guest_c_main(uint64_t mode, uint64_t arg0, uint64_t arg1, uint8_t *slot, uint64_t *data) {
     switch (mode) {
     case GUEST_MODE_RPC_DEMO: return rpc_demo(slot);
@@ -219,6 +329,8 @@ uint32_t guest_c_main(uint64_t mode, uint64_t arg0, uint64_t arg1, uint8_t *slot
     case GUEST_MODE_INTERRUPTIBLE_SLEEP: return interruptible_sleep(slot, arg0);
     case GUEST_MODE_CYCLIC_LONG_POLL_RAW: return cyclic_longpoll_raw(slot, arg0, arg1, (int64_t *)data);
     case GUEST_MODE_SLEEP_CHECK: return sleep_check(slot, arg0, arg1, (int64_t *)data);
+    case GUEST_MODE_UDP_ECHO: return udp_echo(slot, arg0, arg1, (uint8_t *)data);
+    case GUEST_MODE_TCP_ECHO: return tcp_echo(slot, arg0, (uint8_t *)data);
     default: return GUEST_STATUS_BAD_MODE;
     }
 }

@@ -14,7 +14,8 @@ struct GuestImageBuilder: BuildToolPlugin {
         let headerDirectory = context.package.directoryURL.appending(path: "Sources/CVMRPCGuest/include")
         let entries = try FileManager.default.contentsOfDirectory(atPath: guestDirectory.path).sorted()
         let inputs = entries.filter { [".S", ".c", ".h", ".ld"].contains(where: $0.hasSuffix) }
-            .map { guestDirectory.appending(path: $0) } + [headerDirectory.appending(path: "rtvirt_vmrpc.h")]
+            .map { guestDirectory.appending(path: $0) }
+            + ["rtvirt_vmrpc.h", "rtvirt_sockets.h"].map { headerDirectory.appending(path: $0) }
         let output = work.appending(path: "GuestImageBytes.swift")
         return [.buildCommand(
             displayName: "Building the bundled guest from Guest/",

@@ -53,6 +53,14 @@ public enum BundledGuestMode: UInt64, Sendable, CaseIterable {
     /// the TSC at resume minus the deadline (signed) into the data buffer; negative means the
     /// host released the guest before its deadline by the guest's own TSC.
     case sleepCheck = 12
+    /// UDP echo through the `net.*` procedures at CPL 3: binds port RSI & 0xFFFF (IPv6 when RSI
+    /// bit 16 is set), reports `GuestLayout.netReady`, then long-polls for datagrams and sends
+    /// each back to its source; RDX datagrams per batch (≤ 1: `receiveFrom`/`sendTo` in the slot).
+    case udpEcho = 13
+    /// TCP echo through the `net.*` procedures at CPL 3: listens on port RSI & 0xFFFF (IPv6 when
+    /// RSI bit 16 is set), reports `GuestLayout.netReady`, accepts one connection at a time
+    /// (reporting `GuestLayout.netAccepted`) and echoes it until the peer closes.
+    case tcpEcho = 14
 
     /// The LCG multiplier and increment the `compute` mode uses.
     public static let lcgMultiplier: UInt64 = 6_364_136_223_846_793_005
@@ -108,6 +116,12 @@ public enum GuestLayout {
     public static let reverseAdd: UInt32 = 1
     /// Reverse-call procedure of the rpc-demo guest: reply, then exit.
     public static let reverseStop: UInt32 = 2
+    /// Reported by the echo modes once their socket is ready.
+    public static let netReady: UInt64 = 0x4E45_5452
+    /// Reported by the TCP echo mode for each accepted connection.
+    public static let netAccepted: UInt64 = 0x4E45_5441
+    /// Bytes per record of the UDP echo's batches.
+    public static let netStride: UInt64 = 2048
     /// The status the guest exits with for an unknown mode.
     public static let badModeStatus: UInt64 = 0xBAD0
 

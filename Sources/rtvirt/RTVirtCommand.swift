@@ -8,7 +8,7 @@ struct RTVirtCommand: ParsableCommand {
         commandName: "rtvirt",
         abstract: "Real-time behaviour for KVM virtual machines: run the bundled guest, check a host.",
         subcommands: [CyclicTestCommand.self, RunCommand.self, CheckCommand.self, RPCBenchCommand.self,
-                      PartitionCommand.self, RunawayCommand.self, TSCOffsetCommand.self],
+                      PartitionCommand.self, RunawayCommand.self, TSCOffsetCommand.self, NetEchoCommand.self, NetBenchCommand.self],
         defaultSubcommand: CyclicTestCommand.self)
 }
 

@@ -18,7 +18,8 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
-        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.0"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.5.0"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
     ],
@@ -66,7 +67,10 @@ let package = Package(
         ),
         .target(
             name: "LongPoll",
-            dependencies: ["RTVirtCore", "CLinuxSupport", .product(name: "SystemPackage", package: "swift-system")]
+            dependencies: [
+                "RTVirtCore", "CLinuxSupport",
+                .product(name: "SystemPackage", package: "swift-system"), .product(name: "Metrics", package: "swift-metrics"),
+            ]
         ),
         .target(
             name: "RealtimeVCPU",
@@ -76,7 +80,13 @@ let package = Package(
             ]
         ),
         .target(name: "X86GuestSetup", dependencies: ["RTVirtCore"]),
-        .target(name: "VMRPC", dependencies: ["RTVirtCore", "LongPoll"]),
+        .target(
+            name: "VMRPC",
+            dependencies: [
+                "RTVirtCore", "LongPoll",
+                .product(name: "Logging", package: "swift-log"), .product(name: "Metrics", package: "swift-metrics"),
+            ]
+        ),
         .target(
             name: "CgroupScheduler",
             dependencies: ["RTVirtCore", "RealtimeVCPU", "CLibcgroup", "CLibnuma", "CLinuxSupport"]
@@ -115,7 +125,10 @@ let package = Package(
 
         // MARK: Tests
         .testTarget(name: "RTVirtCoreTests", dependencies: ["RTVirtCore", "RTVirtTesting"]),
-        .testTarget(name: "LongPollTests", dependencies: ["LongPoll", "RTVirtCore", "RTVirtTesting"]),
+        .testTarget(
+            name: "LongPollTests",
+            dependencies: ["LongPoll", "RTVirtCore", "RTVirtTesting", .product(name: "MetricsTestKit", package: "swift-metrics")]
+        ),
         .testTarget(name: "RealtimeVCPUTests", dependencies: ["RealtimeVCPU", "RTVirtCore", "RTVirtTesting"]),
         .testTarget(name: "X86GuestSetupTests", dependencies: ["X86GuestSetup", "RTVirtCore", "KVMBackend", "RTVirtGuestImage"]),
         .testTarget(
@@ -124,7 +137,10 @@ let package = Package(
         ),
         .testTarget(
             name: "VMRPCTests",
-            dependencies: ["VMRPC", "LongPoll", "RTVirtTesting", "CVMRPCGuest", "VMRPCFuzzHarness"],
+            dependencies: [
+                "VMRPC", "LongPoll", "RTVirtTesting", "CVMRPCGuest", "VMRPCFuzzHarness",
+                .product(name: "Logging", package: "swift-log"), .product(name: "MetricsTestKit", package: "swift-metrics"),
+            ],
             exclude: ["FuzzCorpus"]
         ),
         .testTarget(

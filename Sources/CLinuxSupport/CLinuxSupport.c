@@ -116,4 +116,3 @@ int rtv_get_reset_on_fork(pid_t tid, int *reset_on_fork) {
 }
 
 int rtv_mlockall(void) { return mlockall(MCL_CURRENT | MCL_FUTURE) == 0 ? 0 : errno; }
-int rtv_munlockall(void) { return munlockall() == 0 ? 0 : errno; }

@@ -91,12 +91,6 @@ public final class KVMVirtualMachine: VirtualMachine {
     /// Whether `createInterruptController()` succeeded.
     public var hasInterruptController: Bool { bookkeeping.withLock { $0.hasInterruptController } }
 
-    /// Creates the in-kernel PIT (ports 0x40-0x43). Needs the interrupt controller first.
-    public func createProgrammableIntervalTimer() throws(KVMError) {
-        guard system.hasCapability(.pit2) else { throw .missingCapability(.pit2) }
-        _ = try checkedIoctl("KVM_CREATE_PIT2") { rtv_kvm_create_pit2(descriptor.rawValue) }
-    }
-
     public func makeVCPU(id: Int) throws -> any VirtualCPU { try makeKVMVCPU(id: id) }
 
     /// Creates vCPU `id` and maps its `kvm_run` area.

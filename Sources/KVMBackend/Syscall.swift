@@ -15,9 +15,12 @@ func checkedIoctl(_ operation: String, _ call: () -> Int32) throws(KVMError) -> 
 
 /// Owns a file descriptor and closes it on deinit: one owner per KVM descriptor.
 final class OwnedDescriptor: Sendable {
-    let rawValue: Int32
-    init(_ rawValue: Int32) { self.rawValue = rawValue }
-    deinit { close(rawValue) }
+    /// The descriptor.
+    let descriptor: FileDescriptor
+    /// Its number, for the ioctl wrappers.
+    var rawValue: Int32 { descriptor.rawValue }
+    init(_ rawValue: Int32) { descriptor = FileDescriptor(rawValue: rawValue) }
+    deinit { try? descriptor.close() }
 }
 
 /// Allocates a zeroed kernel structure `Header` followed by `count` `Entry` elements (a C

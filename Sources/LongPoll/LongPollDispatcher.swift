@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import RTVirtCore
+import Metrics
 import SystemPackage
 import Synchronization
 
@@ -29,7 +30,12 @@ public final class LongPollDispatcher: LongPollWaiting {
         /// wait takes it or when the vCPU re-enters the guest (which delivers the interrupt).
         let interruptPending = Atomic<Bool>(false)
         let wake: EventNotifier
-        init() throws(Errno) { wake = try EventNotifier() }
+        /// How late deadline waits end (swift-metrics, dimension `vcpu`).
+        let wakeLateness: Timer
+        init(vcpu: Int, metrics: any MetricsFactory) throws(Errno) {
+            wake = try EventNotifier()
+            wakeLateness = Timer(label: "rtvirt_longpoll_wake_lateness", dimensions: [("vcpu", "\(vcpu)")], factory: metrics)
+        }
     }
 
     private let channels: [Channel]
@@ -52,16 +58,19 @@ public final class LongPollDispatcher: LongPollWaiting {
     ///   - queueCapacity: host messages one vCPU's queue holds, at least 1.
     ///   - timerStrategy: how to wait for a deadline precisely (wake early, then spin);
     ///     nil: block until the deadline and accept the waiter's lateness.
+    ///   - metrics: where the wake-lateness timer goes (nil: the bootstrapped `MetricsSystem`).
     /// - Throws: `LongPollSetupError` for a count out of range, or when an eventfd cannot be made.
     public init(vcpuCount: Int, clock: any MonotonicClock = SystemMonotonicClock(),
                 waiter: any BlockingWaiter = PollingWaiter(), queueCapacity: Int = 64,
                 maximumParkNanoseconds: UInt64 = 10_000_000_000,
-                timerStrategy: DeadlineTimerStrategy? = nil) throws(LongPollSetupError) {
+                timerStrategy: DeadlineTimerStrategy? = nil,
+                metrics: (any MetricsFactory)? = nil) throws(LongPollSetupError) {
         guard (1...Self.maximumVCPUCount).contains(vcpuCount) else { throw .invalidVCPUCount(vcpuCount) }
         guard queueCapacity >= 1 else { throw .invalidQueueCapacity(queueCapacity) }
+        let factory = metrics ?? MetricsSystem.factory
         var channels: [Channel] = []
-        for _ in 0..<vcpuCount {
-            do { channels.append(try Channel()) } catch { throw .eventNotifier(error) }
+        for vcpu in 0..<vcpuCount {
+            do { channels.append(try Channel(vcpu: vcpu, metrics: factory)) } catch { throw .eventNotifier(error) }
         }
         self.channels = channels
         self.clock = clock
@@ -197,7 +206,14 @@ public final class LongPollDispatcher: LongPollWaiting {
     /// Blocks the calling thread (vCPU `vcpu`'s) until the first event of `request`.
     public func wait(vcpu: Int, for request: LongPollRequest) -> LongPollResult {
         guard channels.indices.contains(vcpu) else { return .cancelled }
-        let channel = channels[vcpu]
+        let result = wait(channels[vcpu], for: request)
+        if case .deadlineReached(let late) = result {
+            channels[vcpu].wakeLateness.recordNanoseconds(Int64(clamping: late))
+        }
+        return result
+    }
+
+    private func wait(_ channel: Channel, for request: LongPollRequest) -> LongPollResult {
         channel.state.withLock { $0.waiting = true }
         let start = clock.nowNanoseconds()
         defer {

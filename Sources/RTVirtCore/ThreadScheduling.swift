@@ -150,11 +150,6 @@ public enum ThreadScheduling {
         guard result == 0 else { throw .from(result, "mlockall") }
     }
 
-    /// Undoes `lockAllMemory`.
-    public static func unlockAllMemory() {
-        _ = rtv_munlockall()
-    }
-
     /// The calling thread's kernel id.
     public static func currentThreadID() -> pid_t { rtv_gettid() }
 

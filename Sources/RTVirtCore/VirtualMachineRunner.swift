@@ -63,11 +63,10 @@ public final class VirtualMachineRunner: Sendable {
                 threads.append(try HostThread(name: "vcpu\(loop.vcpu.id)") {
                     var failure: String?
                     do { try onThreadStart?(loop.vcpu) } catch { failure = "\(error)" }
-                    let gate = setup.withLockAndBroadcast { state -> Void in
+                    setup.withLockAndBroadcast { state in
                         state.reports[index] = failure
                         state.reported += 1
                     }
-                    _ = gate
                     let open = setup.wait(until: { $0.gate != .waiting }) { state, _ in state.gate == .open }
                     let reason: VCPUStopReason
                     if failure != nil {
@@ -84,11 +83,9 @@ public final class VirtualMachineRunner: Sendable {
                 throw .threadCreationFailed(error)
             }
         }
-        let reports = setup.wait(until: { $0.reported == vcpus.count }) { state, _ -> [String?] in
-            state.gate = state.reports.allSatisfy { $0 == nil } ? .open : .aborted
-            return state.reports
-        }
-        setup.withLockAndBroadcast { _ in } // wake the threads waiting at the gate
+        let reports = setup.wait(until: { $0.reported == vcpus.count }) { state, _ in state.reports }
+        let allStarted = reports.allSatisfy { $0 == nil }
+        setup.withLockAndBroadcast { $0.gate = allStarted ? .open : .aborted } // wakes the threads at the gate
         if let failed = reports.firstIndex(where: { $0 != nil }) {
             for thread in threads { thread.join() }
             let id = loops[failed].vcpu.id

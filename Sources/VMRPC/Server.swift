@@ -1,4 +1,6 @@
 import Dispatch
+import Logging
+import Metrics
 import LongPoll
 import RTVirtCore
 import Synchronization
@@ -133,6 +135,7 @@ public final class VMRPCServer: Sendable {
     private let timerQueue = DispatchQueue(label: "rtvirt.vmrpc.reverse-call-timeouts")
     private let unrouted = Atomic<UInt64>(0)
     private let closeToken: LongPollCloseHandlerToken
+    private let logger: Logger
 
     final class Channel: Sendable {
         let doorbells = Atomic<UInt64>(0)
@@ -144,10 +147,35 @@ public final class VMRPCServer: Sendable {
         let reverseCalls: ReverseCallTable
         /// Token bucket for malformed calls: (tokens, last refill in ns). Only this vCPU's thread uses it.
         let malformedBudget: LockedValue<(tokens: Double, refilledAt: UInt64)>
-        init(limits: VMRPCLimits, now: UInt64) {
+        let metrics: ChannelMetrics
+        init(vcpu: Int, limits: VMRPCLimits, now: UInt64, metrics factory: any MetricsFactory) {
             reverseCalls = ReverseCallTable(capacity: limits.reverseCallsPerVCPU)
             malformedBudget = LockedValue((Double(limits.malformedCallBurst), now))
+            metrics = ChannelMetrics(vcpu: vcpu, factory: factory)
         }
+    }
+
+    /// The swift-metrics of one vCPU's channel (dimension `vcpu`), created once.
+    struct ChannelMetrics: Sendable {
+        let doorbells, completed, rejected, broken: Counter
+        let reverseCallOutcomes: [String: Counter]
+        let park: Timer
+        init(vcpu: Int, factory: any MetricsFactory) {
+            let dimensions = [("vcpu", "\(vcpu)")]
+            doorbells = Counter(label: "rtvirt_vmrpc_doorbells_total", dimensions: dimensions, factory: factory)
+            completed = Counter(label: "rtvirt_vmrpc_calls_completed_total", dimensions: dimensions, factory: factory)
+            rejected = Counter(label: "rtvirt_vmrpc_calls_rejected_total", dimensions: dimensions, factory: factory)
+            broken = Counter(label: "rtvirt_vmrpc_channel_broken_total", dimensions: dimensions, factory: factory)
+            park = Timer(label: "rtvirt_vmrpc_park_duration", dimensions: dimensions, factory: factory)
+            var outcomes: [String: Counter] = [:]
+            for outcome in ["replied", "timed_out", "cancelled", "vm_stopped"] {
+                outcomes[outcome] = Counter(label: "rtvirt_vmrpc_reverse_calls_total", dimensions: dimensions + [("outcome", outcome)],
+                                            factory: factory)
+            }
+            reverseCallOutcomes = outcomes
+        }
+
+        func reverseCallEnded(_ outcome: String) { reverseCallOutcomes[outcome]?.increment() }
     }
 
     /// What a procedure id leads to.
@@ -181,7 +209,9 @@ public final class VMRPCServer: Sendable {
     public init(memory: any GuestMemory, slots: any VMRPCSlotPlacement, dispatcher: any LongPollWaiting,
                 procedures: [VMRPCProcedure], features: VMRPCFeatures = .all,
                 limits: VMRPCLimits = VMRPCLimits(),
-                completionContext: VMRPCCompletionContext? = nil) throws(VMRPCConfigurationError) {
+                completionContext: VMRPCCompletionContext? = nil,
+                logger: Logger = Logger(label: "rtvirt.vmrpc"),
+                metrics: (any MetricsFactory)? = nil) throws(VMRPCConfigurationError) {
         var table: [UInt32: VMRPCProcedure] = [:]
         for procedure in procedures {
             guard procedure.id != 0 else { throw .reservedID }
@@ -202,13 +232,16 @@ public final class VMRPCServer: Sendable {
         self.completionContext = completionContext ?? .queue(DispatchQueue(label: "rtvirt.vmrpc.reverse-call-completions"))
         self.procedures = table
         let now = dispatcher.clock.nowNanoseconds()
-        let channels = slotAddresses.map { _ in Channel(limits: limits, now: now) }
+        let factory = metrics ?? MetricsSystem.factory
+        let channels = slotAddresses.indices.map { Channel(vcpu: $0, limits: limits, now: now, metrics: factory) }
+        self.logger = logger
         self.channels = channels
         // The VM stopping (the runner closing the vCPU) ends that vCPU's reverse calls.
         let context = self.completionContext
         closeToken = dispatcher.addCloseHandler { vcpu in
             guard channels.indices.contains(vcpu) else { return }
             for call in channels[vcpu].reverseCalls.endAll() {
+                channels[vcpu].metrics.reverseCallEnded("vm_stopped")
                 Self.complete(call.completion, with: .failure(.vmStopped), in: context)
             }
         }
@@ -236,6 +269,7 @@ public final class VMRPCServer: Sendable {
         dispatcher.removeCloseHandler(closeToken)
         for (vcpu, channel) in channels.enumerated() {
             for call in channel.reverseCalls.endAll() {
+                channel.metrics.reverseCallEnded("vm_stopped")
                 dispatcher.withdraw(messageID: call.id, from: vcpu)
                 Self.complete(call.completion, with: .failure(.vmStopped), in: completionContext)
             }
@@ -270,6 +304,7 @@ public final class VMRPCServer: Sendable {
         }
         let slot = slotAddresses[vcpu], channel = channels[vcpu]
         channel.doorbells.wrappingAdd(1, ordering: .relaxed)
+        channel.metrics.doorbells.increment()
 
         // Fetch once: the whole header, then (below) the arguments, into host memory.
         var header = [UInt8](repeating: 0, count: VMRPCWire.responseOffset)
@@ -321,13 +356,16 @@ public final class VMRPCServer: Sendable {
             channel.parked.wrappingAdd(1, ordering: .relaxed)
             var parkRequest = waitRequest
             parkRequest.interruptible = interruptible
+            let parkedAt = dispatcher.clock.nowNanoseconds()
             let result = dispatcher.wait(vcpu: vcpu, for: parkRequest)
+            channel.metrics.park.recordNanoseconds(Int64(clamping: dispatcher.clock.nowNanoseconds() &- parkedAt))
             // The VMM has an interrupt for this vCPU: abandon the call (the procedure took
             // nothing yet) and let the guest take the interrupt and call again.
             reply = result == .interrupted ? .failed(.interrupted) : then(result)
         }
         guard case let .done(status, results) = reply else { return }
         channel.completed.wrappingAdd(1, ordering: .relaxed)
+        channel.metrics.completed.increment()
         guard results.count <= VMRPCWire.maximumResultLength else {
             return respond(channel, slot, status: .internalError, results: [], sequence: request.sequence)
         }
@@ -336,6 +374,7 @@ public final class VMRPCServer: Sendable {
 
     private func reject(_ channel: Channel, _ slot: GuestAddress, _ status: VMRPCStatus, _ sequence: UInt32) {
         channel.rejected.wrappingAdd(1, ordering: .relaxed)
+        channel.metrics.rejected.increment()
         let now = dispatcher.clock.nowNanoseconds()
         let exhausted = channel.malformedBudget.withLock { budget -> Bool in
             let elapsed = Double(now &- budget.refilledAt) / 1e9
@@ -344,7 +383,10 @@ public final class VMRPCServer: Sendable {
             budget.tokens -= 1
             return budget.tokens < 0
         }
-        if exhausted { channel.broken.store(true, ordering: .relaxed) }
+        if exhausted, !channel.broken.exchange(true, ordering: .relaxed) {
+            channel.metrics.broken.increment()
+            logger.warning("VMRPC channel broken: too many malformed calls", metadata: ["vcpu": "\(channels.firstIndex { $0 === channel } ?? -1)"])
+        }
         respond(channel, slot, status: exhausted ? .channelBroken : status, results: [], sequence: sequence)
     }
 
@@ -398,6 +440,7 @@ public final class VMRPCServer: Sendable {
         let reply: VMRPCReplyArguments
         do { reply = try VMRPCReplyArguments.decode(arguments) } catch { return error }
         guard let completion = channel.reverseCalls.answer(reply.callID) else { return .noSuchCall }
+        channel.metrics.reverseCallEnded("replied")
         Self.complete(completion, with: .success(VMRPCReverseCallReply(status: reply.status, payload: reply.payload)),
                       in: completionContext)
         return nil
@@ -485,6 +528,10 @@ public final class VMRPCServer: Sendable {
     private func end(_ handle: VMRPCReverseCallHandle, with error: VMRPCReverseCallError) -> Bool {
         guard channels.indices.contains(handle.vcpu),
               let completion = channels[handle.vcpu].reverseCalls.end(handle.callID) else { return false }
+        channels[handle.vcpu].metrics.reverseCallEnded(error == .timedOut ? "timed_out" : "cancelled")
+        if error == .timedOut {
+            logger.notice("reverse call timed out", metadata: ["vcpu": "\(handle.vcpu)", "call": "\(handle.callID)"])
+        }
         dispatcher.withdraw(messageID: handle.callID, from: handle.vcpu)
         Self.complete(completion, with: .failure(error), in: completionContext)
         return true
@@ -514,6 +561,7 @@ public final class VMRPCServer: Sendable {
         for (vcpu, channel) in channels.enumerated() {
             dispatcher.closeVCPU(vcpu)
             for call in channel.reverseCalls.endAll() {
+                channel.metrics.reverseCallEnded("vm_stopped")
                 Self.complete(call.completion, with: .failure(.vmStopped), in: completionContext)
             }
         }
@@ -540,6 +588,7 @@ public final class VMRPCServer: Sendable {
     /// Clears a broken channel (the VMM decides when to trust the guest again).
     public func repairChannel(vcpu: Int) {
         guard channels.indices.contains(vcpu) else { return }
+        logger.info("VMRPC channel repaired", metadata: ["vcpu": "\(vcpu)"])
         channels[vcpu].broken.store(false, ordering: .relaxed)
         let now = dispatcher.clock.nowNanoseconds()
         channels[vcpu].malformedBudget.withLock { $0 = (Double(limits.malformedCallBurst), now) }

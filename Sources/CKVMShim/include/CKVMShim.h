@@ -24,16 +24,7 @@ static inline int rtv_kvm_set_user_memory_region(int vmfd, const struct kvm_user
 }
 static inline int rtv_kvm_create_vcpu(int vmfd, unsigned long id) { return ioctl(vmfd, KVM_CREATE_VCPU, id); }
 static inline int rtv_kvm_create_irqchip(int vmfd) { return ioctl(vmfd, KVM_CREATE_IRQCHIP, 0); }
-static inline int rtv_kvm_create_pit2(int vmfd) {
-    struct kvm_pit_config config = {0};
-    return ioctl(vmfd, KVM_CREATE_PIT2, &config);
-}
 static inline int rtv_kvm_set_tss_addr(int vmfd, unsigned long addr) { return ioctl(vmfd, KVM_SET_TSS_ADDR, addr); }
-static inline int rtv_kvm_set_identity_map_addr(int vmfd, uint64_t addr) {
-    return ioctl(vmfd, KVM_SET_IDENTITY_MAP_ADDR, &addr);
-}
-static inline int rtv_kvm_ioeventfd(int vmfd, const struct kvm_ioeventfd *e) { return ioctl(vmfd, KVM_IOEVENTFD, e); }
-static inline int rtv_kvm_irqfd(int vmfd, const struct kvm_irqfd *e) { return ioctl(vmfd, KVM_IRQFD, e); }
 
 static inline int rtv_kvm_run(int vcpufd) { return ioctl(vcpufd, KVM_RUN, 0); }
 static inline int rtv_kvm_get_regs(int vcpufd, struct kvm_regs *r) { return ioctl(vcpufd, KVM_GET_REGS, r); }

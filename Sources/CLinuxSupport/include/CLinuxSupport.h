@@ -34,8 +34,6 @@ int rtv_get_deadline(pid_t tid, uint32_t *policy, uint64_t *runtime, uint64_t *d
 int rtv_sched_deadline(void);
 /// mlockall(MCL_CURRENT | MCL_FUTURE). Returns 0 or errno.
 int rtv_mlockall(void);
-/// munlockall(). Returns 0 or errno.
-int rtv_munlockall(void);
 
 struct pollfd;
 /// A non-blocking, close-on-exec eventfd. Returns the descriptor or -1 (errno set).

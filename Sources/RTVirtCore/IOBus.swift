@@ -133,3 +133,12 @@ extension UInt64 {
         size >= 8 ? self : self & ((1 << (UInt64(size) * 8)) &- 1)
     }
 }
+
+/// A port (or MMIO range) whose write stops the writing vCPU, with the value written as its
+/// status (`VCPUStopReason.guestRequested`): how a bare guest says it is done. Reads return 0.
+public final class GuestExitDevice: BusDevice {
+    /// An exit device.
+    public init() {}
+    public func read(_ access: BusAccess) -> UInt64 { 0 }
+    public func write(_ access: BusAccess, value: UInt64) -> BusWriteResult { .stopVCPU(status: value) }
+}

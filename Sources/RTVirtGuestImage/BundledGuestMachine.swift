@@ -124,9 +124,7 @@ public final class BundledGuestMachine: Sendable {
     /// that does nothing (the baseline of `rpc-bench`).
     public func makeBus(server: VMRPCServer) throws -> IOBus {
         var bus = try makeBus()
-        let doorbell = server.makeDoorbell()
-        try bus.register(doorbell, space: .port, base: UInt64(GuestLayout.doorbellPort), length: 1)
-        try bus.register(doorbell, space: .mmio, base: GuestLayout.mmioDoorbellAddress.rawValue, length: 4)
+        try server.registerDoorbell(on: &bus, port: GuestLayout.doorbellPort, mmio: GuestLayout.mmioDoorbellAddress)
         try bus.register(IgnoredPort(), space: .port, base: UInt64(GuestLayout.bareExitPort), length: 1)
         return bus
     }

@@ -284,6 +284,15 @@ public final class VMRPCServer: Sendable {
     /// A bus device that forwards doorbells (port or MMIO writes) to this server.
     public func makeDoorbell() -> VMRPCDoorbell { VMRPCDoorbell(server: self) }
 
+    /// Puts this server's doorbell on `bus`: at `port` (one port), and at `mmio` (4 bytes, an
+    /// address without guest memory) when given and the server offers `mmioDoorbell`.
+    /// - Throws: `BusError` when a range is taken.
+    public func registerDoorbell(on bus: inout IOBus, port: UInt16?, mmio: GuestAddress? = nil) throws(BusError) {
+        let doorbell = makeDoorbell()
+        if let port { try bus.register(doorbell, space: .port, base: UInt64(port), length: 1) }
+        if let mmio, features.contains(.mmioDoorbell) { try bus.register(doorbell, space: .mmio, base: mmio.rawValue, length: 4) }
+    }
+
     private func route(_ procedure: UInt32) -> Route? {
         if features.contains(.reverseCalls) {
             if procedure == VMRPCProcedureID.poll { return .poll }

@@ -13,12 +13,6 @@ struct MonotonicGuestClock: GuestClockSource {
     }
 }
 
-/// A port that stops the writing vCPU with the value written as its status.
-final class ExitPort: BusDevice {
-    func read(_ access: BusAccess) -> UInt64 { 0 }
-    func write(_ access: BusAccess, value: UInt64) -> BusWriteResult { .stopVCPU(status: value) }
-}
-
 /// The whole VMRPC path without KVM: mock vCPUs whose guest programs write requests into guest
 /// memory and ring the doorbell port, the run loop, the bus, the server, the dispatcher's long
 /// polls and reverse calls, and the responses the programs read back.
@@ -32,8 +26,8 @@ final class MockGuestPathTests: XCTestCase {
         let server = try VMRPCServer(memory: vm.guestMemory, slots: Self.slots, dispatcher: dispatcher,
                                      procedures: VMRPCStandardProcedures.all(clock: MonotonicGuestClock()))
         var bus = IOBus()
-        try bus.register(server.makeDoorbell(), space: .port, base: UInt64(Self.doorbellPort), length: 1)
-        try bus.register(ExitPort(), space: .port, base: UInt64(Self.exitPort), length: 1)
+        try server.registerDoorbell(on: &bus, port: Self.doorbellPort)
+        try bus.register(GuestExitDevice(), space: .port, base: UInt64(Self.exitPort), length: 1)
         return (vm, dispatcher, server, bus)
     }
 

@@ -267,10 +267,12 @@ public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
     /// Guest TSC minus host TSC, with its error bound: read exactly from the kernel where it
     /// offers the offset as a vCPU attribute, otherwise sampled (`TSCOffsetReading`).
     ///
-    /// - Parameter method: nil (the default) reads the attribute when the kernel has it and
-    ///   samples otherwise; `.kernelAttribute` only reads the attribute (throwing
-    ///   `.ioctlFailed` where there is none); `.msrSampling` always samples (to compare, or to
-    ///   test the fallback on a kernel that has the attribute).
+    /// - Parameters:
+    ///   - method: nil (the default) reads the attribute when the kernel has it and
+    ///     samples otherwise; `.kernelAttribute` only reads the attribute (throwing
+    ///     `.ioctlFailed` where there is none); `.msrSampling` always samples (to compare, or to
+    ///     test the fallback on a kernel that has the attribute).
+    ///   - limits: how many samples, attempts and how wide a window sampling accepts.
     /// - Throws: `KVMError.tscOffsetUnbounded` when sampling finds no window narrow enough,
     ///   `.tscOffsetInconsistent`, `.invalidTSCSamplingLimits`, or `.ioctlFailed`.
     public func readTSCOffset(method: TSCOffsetMethod? = nil, limits: TSCSamplingLimits = TSCSamplingLimits()) throws(KVMError) -> TSCOffsetReading {

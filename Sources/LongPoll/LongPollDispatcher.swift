@@ -55,7 +55,10 @@ public final class LongPollDispatcher: LongPollWaiting {
     /// A dispatcher for vCPUs `0 ..< vcpuCount`.
     /// - Parameters:
     ///   - vcpuCount: 1 ... `maximumVCPUCount`.
+    ///   - clock: the clock deadlines are measured on.
+    ///   - waiter: what blocks (`ppoll` by default; a `ManualClockWaiter` in tests).
     ///   - queueCapacity: host messages one vCPU's queue holds, at least 1.
+    ///   - maximumParkNanoseconds: the longest any single wait parks a vCPU.
     ///   - timerStrategy: how to wait for a deadline precisely (wake early, then spin);
     ///     nil: block until the deadline and accept the waiter's lateness.
     ///   - metrics: where the wake-lateness timer goes (nil: the bootstrapped `MetricsSystem`).

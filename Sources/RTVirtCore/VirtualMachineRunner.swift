@@ -41,6 +41,8 @@ public final class VirtualMachineRunner: Sendable {
     /// Starts one thread per vCPU, named `vcpu<id>`, running a `VCPURunLoop` over `bus`, and
     /// returns once every vCPU passed `onThreadStart` and entered its loop.
     /// - Parameters:
+    ///   - vcpus: the vCPUs, each run on its own thread.
+    ///   - bus: the devices the guest reaches through port I/O and MMIO.
     ///   - dispatcher: what parks the vCPUs in long polls (a `LongPollDispatcher`); give the same
     ///     one to the devices (the VMRPC server), so that a stop ends their waits and calls.
     ///   - onThreadStart: runs first on each vCPU thread; throwing keeps the whole VM from running.

@@ -45,8 +45,12 @@ public final class BundledGuestMachine: Sendable {
     /// Builds the VM. `vcpus[i]` becomes vCPU id `i`.
     /// - Throws: `BundledGuestError.tooManyVCPUs` beyond `GuestLayout.maximumVCPUs`, or the
     ///   KVM and memory errors of the steps.
-    /// - Parameter interruptController: create the in-kernel PIC, IOAPIC and LAPICs (needed by
-    ///   `.cyclicInterrupt`; then `hlt` no longer exits to the VMM).
+    /// - Parameters:
+    ///   - system: the open `/dev/kvm`.
+    ///   - configurations: how each vCPU starts.
+    ///   - memorySize: guest RAM at address 0.
+    ///   - interruptController: create the in-kernel PIC, IOAPIC and LAPICs (needed by
+    ///     `.cyclicInterrupt`; then `hlt` no longer exits to the VMM); the vCPUs are set runnable.
     public init(system: KVMSystem, vcpus configurations: [BundledGuestVCPU],
                 memorySize: UInt64 = BundledGuestMachine.defaultMemorySize, interruptController: Bool = false) throws {
         guard (1...GuestLayout.maximumVCPUs).contains(configurations.count) else {

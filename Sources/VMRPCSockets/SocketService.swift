@@ -72,8 +72,13 @@ public final class VMRPCSocketService: Sendable {
     }
 
     /// A service for one VM.
-    /// - Parameter handleGenerations: where handle generations come from (default: random);
-    ///   replaceable for deterministic tests and fuzzing.
+    /// - Parameters:
+    ///   - backend: where sockets are made (`HostSocketBackend` in the VM's network namespace).
+    ///   - policy: what the guest may do, checked on every call.
+    ///   - memory: the guest memory named buffers are in.
+    ///   - dispatcher: parks vCPUs in blocking calls; closing a vCPU closes the VM's sockets.
+    ///   - handleGenerations: where handle generations come from (default: random);
+    ///     replaceable for deterministic tests and fuzzing.
     /// - Throws: `SocketConfigurationError` for a policy out of range.
     public init(backend: any SocketBackend, policy: SocketPolicy, memory: any GuestMemory, dispatcher: any LongPollWaiting,
                 handleGenerations: (@Sendable () -> UInt32)? = nil) throws(SocketConfigurationError) {

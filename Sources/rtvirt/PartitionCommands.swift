@@ -249,32 +249,17 @@ struct RunawayCommand: ParsableCommand {
     }
 }
 
-/// CPU times of some threads (`/proc/self/task/TID/schedstat`) and the steal time of a CPU
-/// (`/proc/stat`), at one instant.
+/// CPU times of some threads and the steal time of a CPU (`CPUAccounting`), at one instant.
 struct CPUTimeSample {
     var wallNanoseconds: UInt64
     var threadNanoseconds: [pid_t: UInt64]
-    var stealTicks: UInt64?
+    var stealNanoseconds: UInt64?
 
     init(threads: [pid_t], cpu: Int, files: HostFiles = HostFiles()) {
         wallNanoseconds = monotonicNanoseconds()
         threadNanoseconds = [:]
-        for tid in threads {
-            // schedstat: time on the CPU (ns), time waiting to run (ns), timeslices.
-            if let text = files.readLine("/proc/self/task/\(tid)/schedstat"), let first = text.split(separator: " ").first {
-                threadNanoseconds[tid] = UInt64(first)
-            }
-        }
-        stealTicks = Self.steal(cpu: cpu, stat: files.read("/proc/stat") ?? "")
-    }
-
-    /// The steal column (the 8th value) of `cpuN` in `/proc/stat`, in clock ticks.
-    static func steal(cpu: Int, stat: String) -> UInt64? {
-        for line in stat.split(separator: "\n") where line.hasPrefix("cpu\(cpu) ") {
-            let values = line.split(separator: " ").dropFirst()
-            return values.count >= 8 ? UInt64(values[values.startIndex + 7]) : nil
-        }
-        return nil
+        for tid in threads { threadNanoseconds[tid] = CPUAccounting.threadCPUNanoseconds(tid, files: files) }
+        stealNanoseconds = CPUAccounting.stealNanoseconds(cpu: cpu, files: files)
     }
 
     /// The shares since `start`.
@@ -285,8 +270,8 @@ struct CPUTimeSample {
             return Double(end - begin) / wall
         }
         var steal: Double?
-        if let end = stealTicks, let begin = start.stealTicks, end >= begin, wall > 0 {
-            steal = Double(end - begin) / Double(sysconf(Int32(_SC_CLK_TCK))) / (wall / 1e9)
+        if let end = stealNanoseconds, let begin = start.stealNanoseconds, end >= begin, wall > 0 {
+            steal = Double(end - begin) / wall
         }
         return RunawayReport.Phase(seconds: wall / 1e9, housekeepingShare: share(housekeepingThread), vcpuShare: share(vcpuThread),
                                    stealShare: steal)

@@ -18,27 +18,10 @@ struct ThreadCostSample: Sendable {
         var usage = rusage()
         // RUSAGE_THREAD (1) is Linux's "the calling thread"; Glibc's enum is not imported by name.
         _ = getrusage(__rusage_who_t(1), &usage)
-        let cpuTime = files.read("/proc/thread-self/schedstat").flatMap(parseSchedstatRuntime) ?? 0
-        let steal = files.read("/proc/stat").flatMap { parseStealTicks($0, cpu: cpu) } ?? 0
-        let ticksPerSecond = UInt64(max(1, sysconf(Int32(_SC_CLK_TCK))))
-        return ThreadCostSample(wallNanoseconds: monotonicNanoseconds(), cpuNanoseconds: cpuTime,
-                                involuntarySwitches: usage.ru_nivcsw, stealNanoseconds: steal * 1_000_000_000 / ticksPerSecond)
-    }
-
-    /// The first field of a `schedstat` file: nanoseconds spent on a CPU.
-    static func parseSchedstatRuntime(_ text: String) -> UInt64? {
-        text.split(separator: " ").first.flatMap { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
-    }
-
-    /// The steal column (the 8th number) of the `cpuN` line of `/proc/stat`, in clock ticks.
-    static func parseStealTicks(_ text: String, cpu: Int) -> UInt64? {
-        let label = "cpu\(cpu)"
-        for line in text.split(separator: "\n") {
-            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
-            guard fields.first.map(String.init) == label, fields.count > 8 else { continue }
-            return UInt64(fields[8])
-        }
-        return nil
+        return ThreadCostSample(wallNanoseconds: monotonicNanoseconds(),
+                                cpuNanoseconds: CPUAccounting.currentThreadCPUNanoseconds(files: files) ?? 0,
+                                involuntarySwitches: usage.ru_nivcsw,
+                                stealNanoseconds: CPUAccounting.stealNanoseconds(cpu: cpu, files: files) ?? 0)
     }
 }
 

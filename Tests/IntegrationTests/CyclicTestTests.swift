@@ -221,16 +221,16 @@ final class CyclicTestStatisticsTests: XCTestCase {
     }
 
     func testProcFilesAreParsed() {
-        XCTAssertEqual(ThreadCostSample.parseSchedstatRuntime("123456789 5000 42\n"), 123_456_789)
+        XCTAssertEqual(CPUAccounting.schedstatRuntime("123456789 5000 42\n"), 123_456_789)
         let stat = """
             cpu  7997 0 3204 98332 1773 0 29 21 97 0
             cpu0 3303 0 1199 51196 23 0 12 10 8 0
             cpu1 4693 0 2005 47135 1750 0 17 10 88 0
             intr 1 2 3
             """
-        XCTAssertEqual(ThreadCostSample.parseStealTicks(stat, cpu: 1), 10)
-        XCTAssertEqual(ThreadCostSample.parseStealTicks(stat, cpu: 0), 10)
-        XCTAssertNil(ThreadCostSample.parseStealTicks(stat, cpu: 2))
+        XCTAssertEqual(CPUAccounting.stealTicks(stat, cpu: 1), 10)
+        XCTAssertEqual(CPUAccounting.stealTicks(stat, cpu: 0), 10)
+        XCTAssertNil(CPUAccounting.stealTicks(stat, cpu: 2))
     }
 }
 

@@ -58,9 +58,9 @@ final class RunawayTests: XCTestCase {
 
     func testStealColumnOfProcStat() {
         let stat = "cpu  1 2 3 4 5 6 7 8 9 10\ncpu0 10 0 20 30 0 0 1 99 0 0\ncpu1 11 0 21 31 0 0 2 123 0 0\nintr 5\n"
-        XCTAssertEqual(CPUTimeSample.steal(cpu: 1, stat: stat), 123)
-        XCTAssertEqual(CPUTimeSample.steal(cpu: 0, stat: stat), 99)
-        XCTAssertNil(CPUTimeSample.steal(cpu: 2, stat: stat))
-        XCTAssertNil(CPUTimeSample.steal(cpu: 0, stat: "cpu0 1 2 3\n"), "too few columns")
+        XCTAssertEqual(CPUAccounting.stealTicks(stat, cpu: 1), 123)
+        XCTAssertEqual(CPUAccounting.stealTicks(stat, cpu: 0), 99)
+        XCTAssertNil(CPUAccounting.stealTicks(stat, cpu: 2))
+        XCTAssertNil(CPUAccounting.stealTicks("cpu0 1 2 3\n", cpu: 0), "too few columns")
     }
 }

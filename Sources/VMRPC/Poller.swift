@@ -178,6 +178,10 @@ public final class VMRPCPoller: Sendable {
     /// may still finish a call of it.
     public func detach(_ server: VMRPCServer) { core.detach(server) }
 
+    /// The kernel thread id of the poller's thread (nil for a manual poller), for placing it in
+    /// a cgroup or checking where it runs.
+    public var kernelThreadID: pid_t? { thread?.kernelThreadID }
+
     /// The attached servers.
     public var servers: [VMRPCServer] { core.members.withLock { $0.servers } }
 

@@ -266,6 +266,7 @@ final class PollerCore: Sendable {
         server.detach(poller: id)
     }
 
+
     func detachAll() {
         let servers = members.withLock { members -> [VMRPCServer] in
             members.stopped = true
@@ -341,7 +342,7 @@ final class PollerCore: Sendable {
                 continue
             }
             if monotonicNanoseconds() &- lastCall >= idle {
-                sleep(servers)
+                sleep(servers, generation: seenGeneration)
                 lastCall = monotonicNanoseconds()
                 backoff = 1
                 continue
@@ -352,12 +353,17 @@ final class PollerCore: Sendable {
         for server in servers { server.setPoller(id, awake: false) }
     }
 
-    private func sleep(_ servers: [VMRPCServer]) {
+    /// Sleeps until a wake request, a stop, or a change of the servers (an attach increments
+    /// the generation before it requests a wake, so the predicate, checked under the lock the
+    /// request takes, cannot miss it).
+    private func sleep(_ servers: [VMRPCServer], generation seenGeneration: UInt64) {
         let seen = sleepState.withLock { $0.wakeRequests }
         guard prepareToSleep(servers) else { return }
         sleeps.wrappingAdd(1, ordering: .relaxed)
         asleep.store(true, ordering: .relaxed)
-        sleepState.wait(until: { $0.wakeRequests != seen || $0.stopRequested }) { _, _ in }
+        sleepState.wait(until: { state in
+            state.wakeRequests != seen || state.stopRequested || self.generation.load(ordering: .acquiring) != seenGeneration
+        }) { _, _ in }
         asleep.store(false, ordering: .relaxed)
         wakeUps.wrappingAdd(1, ordering: .relaxed)
         if !stopRequested.load(ordering: .relaxed) { awaken(servers) }

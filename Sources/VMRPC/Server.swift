@@ -168,8 +168,10 @@ public final class VMRPCServer: Sendable {
         /// Held while a call of this slot is served: the doorbell path waits for it, the poller
         /// only tries. It holds the call handed over to the next doorbell, if any.
         let serving = LockedValue<Handoff?>(nil)
-        /// Serializes the stores of `needs_doorbell`.
-        let publication = LockedValue<Void>(())
+        /// Serializes the stores of `needs_doorbell`; holds the value last stored. (Not a
+        /// `LockedValue<Void>`: ThreadSanitizer reports the access to an empty payload at the
+        /// object's address, where other threads read the class metadata, as a race.)
+        let publication = LockedValue<UInt32>(0)
         let reverseCalls: ReverseCallTable
         /// Token bucket for malformed calls: (tokens, last refill in ns).
         let malformedBudget: LockedValue<(tokens: Double, refilledAt: UInt64)>
@@ -621,10 +623,11 @@ public final class VMRPCServer: Sendable {
     /// lock, so the last store reflects the last change.
     func publishNeedsDoorbell(_ channel: Channel) {
         guard features.contains(.exitless) else { return }
-        channel.publication.withLock { _ in
+        channel.publication.withLock { published in
             let needs = !pollerAwake.load(ordering: .relaxed) || channel.broken.load(ordering: .relaxed)
                 || channel.handoffPending.load(ordering: .relaxed)
-            try? memory.atomicStore(UInt32(needs ? 1 : 0), at: channel.needsDoorbellAddress, ordering: .releasing)
+            published = needs ? 1 : 0
+            try? memory.atomicStore(published, at: channel.needsDoorbellAddress, ordering: .releasing)
         }
     }
 

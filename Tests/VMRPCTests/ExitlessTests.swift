@@ -401,6 +401,26 @@ final class ExitlessCrossingTests: XCTestCase {
         XCTAssertTrue(poller.servers.isEmpty, "shutdown detaches the server")
     }
 
+    /// One poller serves the slots of several VMs' servers; detaching one leaves the other served.
+    func testOnePollerServesSeveralVMs() throws {
+        let first = try ServerHarness(extra: [counter.procedure]), second = try ServerHarness(extra: [counter.procedure])
+        let poller = VMRPCPoller.manual()
+        try poller.attach(first.server)
+        try poller.attach(second.server)
+        let guests = [first, second].map { ExitlessGuestSteps(memory: $0.memory, slot: ServerHarness.slotBase) }
+        for (index, guest) in guests.enumerated() {
+            try guest.write(CountingProcedure.id, sequence: UInt32(10 + index))
+            try guest.post()
+        }
+        XCTAssertEqual(poller.scanOnce(), 2)
+        XCTAssertEqual(guests.map(\.completed), [10, 11])
+        poller.detach(first.server)
+        XCTAssertEqual(guests.map(\.needsDoorbell), [1, 0])
+        for guest in guests { try guest.post() }
+        XCTAssertEqual(poller.scanOnce(), 1, "only the attached VM")
+        XCTAssertEqual(guests[0].posted, 1)
+    }
+
     /// The poller's configuration is checked: CPUs given, none of them real-time, the idle
     /// period and back-off in range.
     func testPollerConfigurationIsChecked() {

@@ -125,6 +125,11 @@ public enum VMRPCCompletionContext: Sendable {
 ///
 /// Every reverse call ends exactly once: with the guest's reply, its timeout, a cancellation,
 /// or the VM's stop (the dispatcher closing the vCPU, `shutdown()`, or the server going away).
+///
+/// With the `exitless` feature (offered by default) a guest may post a call in its slot's
+/// control area instead of ringing; a `VMRPCPoller` attached to the server answers it without an
+/// exit, through `serveExitless(vcpu:)`, with the same validation. Without a poller, or while it
+/// sleeps, `needs_doorbell` tells the guest to ring, and the doorbell takes the posted call.
 public final class VMRPCServer: Sendable {
     /// Guest memory holding the slots.
     public let memory: any GuestMemory

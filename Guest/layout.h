@@ -45,6 +45,15 @@
 #define GUEST_MODE_SLEEP_CHECK 12 /* RSI sleeps of RDX TSC cycles with VMRPC timer.sleepUntil (8-byte form, no guest spin) */
 #define GUEST_MODE_UDP_ECHO 13 /* net.*: UDP echo on port RSI & 0xFFFF (IPv6 if RSI bit 16), RDX datagrams per batch (<= 1: receiveFrom/sendTo) */
 #define GUEST_MODE_TCP_ECHO 14 /* net.*: TCP echo server on port RSI & 0xFFFF (IPv6 if RSI bit 16), one connection at a time */
+#define GUEST_MODE_RPC_BENCH_EXITLESS 21 /* RSI samples per path, in interleaved rounds of (RDX & 0xFFFF) calls per path: bare exit,
+                                          * null call with the doorbell, null call exitless with the poller warm, null call exitless
+                                          * with the poller asleep; data[4i + path] = TSC cycles. Then one timer.sleepUntil of
+                                          * (RDX >> 32) ms (the host measures the idle poller meanwhile). Reports: host features,
+                                          * warm calls that rang, asleep waits that timed out, asleep calls answered exitless */
+#define GUEST_MODE_RPC_SWITCH 22 /* RSI calls of GUEST_PROC_COUNT switching at random (xorshift seed RDX) between the exitless
+                                  * path (long and very short spins), posting and ringing at once, ordinary doorbell calls,
+                                  * exitless blocking calls and idle gaps; every count is checked. Reports per path counts;
+                                  * exits 0, 0x200 on a count that is not the next (then reports index, got, expected) */
 
 /* The cyclic modes store, per period i, (TSC at resume - deadline i) as a signed 64-bit value:
  * the interrupt mode at data[i]; the long-poll modes at data[2i], with data[2i + 1] the arrival
@@ -55,6 +64,13 @@
 /* The vector the host injects in the interruptible-sleep mode, and what its handler reports. */
 #define GUEST_INJECTED_VECTOR 0xED
 #define GUEST_INJECTED_MARK   0x1A7E
+
+/* The host procedure of the rpc-switch mode: counts its calls per vCPU, returns the count (u64). */
+#define GUEST_PROC_COUNT 0x7000
+/* What the rpc-switch mode exits with when a count is not the next one. */
+#define GUEST_STATUS_COUNT_MISMATCH 0x200
+/* What the exitless modes exit with when the host does not offer the exitless feature. */
+#define GUEST_STATUS_NO_EXITLESS 0x300
 
 /* Reverse-call procedures the rpc-demo guest serves. */
 #define GUEST_REVERSE_ADD  1 /* payload: two u32; reply payload: their sum (u32) */

@@ -35,18 +35,51 @@ static void report64(uint64_t value) {
 
 static uint32_t sequence;
 
+/* One call: through the MMIO doorbell when `features` asks for it; otherwise through the port,
+ * exitless when the host offers it (rtv_vmrpc_call_auto_port). */
 static uint32_t call(volatile uint8_t *slot, uint32_t features, uint32_t procedure, const void *arguments,
                      uint32_t length, void *results, uint32_t capacity) {
     uint32_t this_sequence = ++sequence;
+    if (!(features & RTV_VMRPC_FEATURE_MMIO_DOORBELL))
+        return rtv_vmrpc_call_auto_port(slot, GUEST_PORT_DOORBELL, procedure, this_sequence, features, arguments, length,
+                                        results, capacity);
     if (rtv_vmrpc_write_request(slot, procedure, this_sequence, features, arguments, length) != 0)
         return RTV_VMRPC_BAD_ARGUMENT_LENGTH;
-    if (features & RTV_VMRPC_FEATURE_MMIO_DOORBELL)
-        rtv_vmrpc_ring_mmio((volatile uint32_t *)GUEST_MMIO_DOORBELL);
-    else
-        rtv_vmrpc_ring_port(GUEST_PORT_DOORBELL);
+    rtv_vmrpc_ring_mmio((volatile uint32_t *)GUEST_MMIO_DOORBELL);
     uint32_t status = rtv_vmrpc_response_status(slot, this_sequence);
     if (results && capacity) rtv_vmrpc_read_results(slot, results, capacity);
     return status;
+}
+
+/* An ordinary call through the port doorbell (never exitless). */
+static uint32_t call_doorbell(volatile uint8_t *slot, uint32_t procedure, const void *arguments, uint32_t length,
+                              void *results, uint32_t capacity) {
+    return rtv_vmrpc_call_port(slot, GUEST_PORT_DOORBELL, procedure, ++sequence, arguments, length, results, capacity);
+}
+
+/* An exitless call through the port doorbell, spinning up to `spin` TSC cycles; *path says how it ended. */
+static uint32_t call_exitless(volatile uint8_t *slot, uint32_t procedure, const void *arguments, uint32_t length,
+                              void *results, uint32_t capacity, uint64_t spin, int *path) {
+    return rtv_vmrpc_call_exitless_port(slot, GUEST_PORT_DOORBELL, procedure, ++sequence, 0, arguments, length,
+                                        results, capacity, spin, path);
+}
+
+/* Spins until `needs_doorbell` is `value` or `cycles` pass; returns whether it got there. */
+static int wait_needs_doorbell(volatile uint8_t *slot, uint32_t value, uint64_t cycles) {
+    uint64_t start = rdtsc();
+    while ((atomic_load_explicit(rtv_vmrpc_control_word(slot, RTV_VMRPC_NEEDS_DOORBELL_OFFSET), memory_order_acquire) != 0)
+           != (value != 0)) {
+        if (rdtsc() - start >= cycles) return 0;
+        __asm__ __volatile__("pause" ::: "memory");
+    }
+    return 1;
+}
+
+/* The host's TSC rate, from clock.read (ordinary call); 0 on failure. */
+static uint64_t tsc_hz(volatile uint8_t *slot) {
+    struct rtv_vmrpc_clock_reading clock;
+    if (call_doorbell(slot, RTV_VMRPC_PROC_CLOCK_READ, 0, 0, &clock, sizeof(clock)) != RTV_VMRPC_OK) return 0;
+    return clock.tsc_hz;
 }
 
 /* null (port doorbell); clock.read (MMIO doorbell); then poll for reverse calls and answer them until STOP.
@@ -321,6 +354,145 @@ static uint32_t tcp_echo(volatile uint8_t *slot, uint64_t arg0, uint8_t *data) {
     }
 }
 
+/* Interleaved rounds of `block` calls per path: bare exits, null calls with the doorbell, null calls
+ * exitless with the poller warm (a warm-up call first, then waiting until the poller is awake),
+ * null calls exitless with the poller asleep (each after waiting until `needs_doorbell` is set).
+ * data[4i + path] = TSC cycles of sample i of each path. Then one ordinary timer.sleepUntil of
+ * `idle_ms` (the VM is idle; the host measures its poller meanwhile). Reports: host features,
+ * warm calls that rang, asleep waits that timed out, asleep calls answered exitless. Exits 0, or
+ * 0x100 + a failed call's status, or GUEST_STATUS_NO_EXITLESS. */
+static uint32_t rpc_bench_exitless(volatile uint8_t *slot, uint64_t samples, uint64_t arguments, uint64_t *data) {
+    uint64_t block = arguments & 0xFFFF, idle_ms = arguments >> 32;
+    uint64_t capacity = GUEST_DATA_SIZE / 32;
+    if (samples > capacity) samples = capacity;
+    if (block == 0) block = 1;
+    uint32_t status = call_doorbell(slot, RTV_VMRPC_PROC_NULL, 0, 0, 0, 0);
+    if (status != RTV_VMRPC_OK) return 0x100 + status;
+    uint32_t features = rtv_vmrpc_host_features(slot);
+    report(features);
+    if (!(features & RTV_VMRPC_FEATURE_EXITLESS)) return GUEST_STATUS_NO_EXITLESS;
+    uint64_t hz = tsc_hz(slot);
+    if (hz == 0) return 0x100 + RTV_VMRPC_INTERNAL_ERROR;
+    uint64_t wait_bound = hz / 10; /* 100 ms for the poller to wake or fall asleep */
+    uint32_t warm_rang = 0, asleep_timeouts = 0, asleep_exitless = 0;
+    for (uint64_t first = 0; first < samples; first += block) {
+        uint64_t last = first + block < samples ? first + block : samples;
+        for (uint64_t i = first; i < last; i++) {
+            uint64_t start = rdtsc();
+            port_out32(GUEST_PORT_BARE, 0);
+            data[4 * i] = rdtsc() - start;
+        }
+        for (uint64_t i = first; i < last; i++) {
+            uint64_t start = rdtsc();
+            status = call_doorbell(slot, RTV_VMRPC_PROC_NULL, 0, 0, 0, 0);
+            data[4 * i + 1] = rdtsc() - start;
+            if (status != RTV_VMRPC_OK) return 0x100 + status;
+        }
+        int path;
+        status = call_exitless(slot, RTV_VMRPC_PROC_NULL, 0, 0, 0, 0, RTV_VMRPC_EXITLESS_SPIN_CYCLES, &path); /* wakes the poller */
+        if (status != RTV_VMRPC_OK) return 0x100 + status;
+        wait_needs_doorbell(slot, 0, wait_bound);
+        for (uint64_t i = first; i < last; i++) {
+            uint64_t start = rdtsc();
+            status = call_exitless(slot, RTV_VMRPC_PROC_NULL, 0, 0, 0, 0, RTV_VMRPC_EXITLESS_SPIN_CYCLES, &path);
+            data[4 * i + 2] = rdtsc() - start;
+            if (status != RTV_VMRPC_OK) return 0x100 + status;
+            if (path != RTV_VMRPC_PATH_EXITLESS) warm_rang++;
+        }
+        for (uint64_t i = first; i < last; i++) {
+            if (!wait_needs_doorbell(slot, 1, wait_bound)) asleep_timeouts++;
+            uint64_t start = rdtsc();
+            status = call_exitless(slot, RTV_VMRPC_PROC_NULL, 0, 0, 0, 0, RTV_VMRPC_EXITLESS_SPIN_CYCLES, &path);
+            data[4 * i + 3] = rdtsc() - start;
+            if (status != RTV_VMRPC_OK) return 0x100 + status;
+            if (path == RTV_VMRPC_PATH_EXITLESS) asleep_exitless++;
+        }
+    }
+    report(warm_rang);
+    report(asleep_timeouts);
+    report(asleep_exitless);
+    if (idle_ms) {
+        uint64_t deadline = rdtsc() + idle_ms * (hz / 1000);
+        status = call_doorbell(slot, RTV_VMRPC_PROC_SLEEP_UNTIL, &deadline, 8, 0, 0);
+        if (status != RTV_VMRPC_OK) return 0x100 + status;
+    }
+    return 0;
+}
+
+/* `calls` calls of GUEST_PROC_COUNT, each through a path drawn at random: exitless with the default
+ * spin, exitless with a spin of at most 63 cycles (the doorbell then races the poller), posted and
+ * rung at once, an ordinary doorbell call; now and then an exitless timer.sleepUntil (handed back
+ * by the poller) or an idle gap of ~100 us (the poller falls asleep). Every count must be the next
+ * one. Reports per path: exitless answered, exitless rang, short spins, posted-and-rung, ordinary,
+ * blocking, gaps. Exits 0, GUEST_STATUS_COUNT_MISMATCH (after reporting index, got, expected),
+ * GUEST_STATUS_NO_EXITLESS, or 0x100 + a failed call's status. */
+static uint32_t rpc_switch(volatile uint8_t *slot, uint64_t calls, uint64_t seed) {
+    uint32_t status = call_doorbell(slot, RTV_VMRPC_PROC_NULL, 0, 0, 0, 0);
+    if (status != RTV_VMRPC_OK) return 0x100 + status;
+    if (!(rtv_vmrpc_host_features(slot) & RTV_VMRPC_FEATURE_EXITLESS)) return GUEST_STATUS_NO_EXITLESS;
+    uint64_t hz = tsc_hz(slot);
+    if (hz == 0) return 0x100 + RTV_VMRPC_INTERNAL_ERROR;
+    uint64_t state = seed | 1, expected = 0;
+    uint32_t answered = 0, rang = 0, short_spins = 0, at_once = 0, ordinary = 0, blocking = 0, gaps = 0;
+    for (uint64_t i = 0; i < calls; i++) {
+        state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+        uint32_t choice = (uint32_t)(state >> 32);
+        if ((choice & 0x3FF) == 1) { /* an idle gap: the poller falls asleep */
+            uint64_t until = rdtsc() + hz / 10000;
+            while (rdtsc() < until) __asm__ __volatile__("pause");
+            gaps++;
+        }
+        if ((choice & 0xFF) == 2) { /* a blocking call, posted: the poller hands it back */
+            uint64_t deadline = rdtsc();
+            int path;
+            status = call_exitless(slot, RTV_VMRPC_PROC_SLEEP_UNTIL, &deadline, 8, 0, 0, RTV_VMRPC_EXITLESS_SPIN_CYCLES, &path);
+            if (status != RTV_VMRPC_OK) return 0x100 + status;
+            blocking++;
+        }
+        uint64_t count = 0;
+        int path = RTV_VMRPC_PATH_EXITLESS;
+        switch ((choice >> 8) & 7) {
+        case 0: case 1: case 2: case 3:
+            status = call_exitless(slot, GUEST_PROC_COUNT, 0, 0, &count, 8, RTV_VMRPC_EXITLESS_SPIN_CYCLES, &path);
+            if (path == RTV_VMRPC_PATH_EXITLESS) answered++; else rang++;
+            break;
+        case 4:
+            status = call_exitless(slot, GUEST_PROC_COUNT, 0, 0, &count, 8, (choice >> 16) & 63, &path);
+            short_spins++;
+            break;
+        case 5: {
+            uint32_t this_sequence = ++sequence;
+            rtv_vmrpc_write_request(slot, GUEST_PROC_COUNT, this_sequence, RTV_VMRPC_FEATURE_EXITLESS, 0, 0);
+            rtv_vmrpc_post(slot);
+            rtv_vmrpc_ring_port(GUEST_PORT_DOORBELL);
+            status = rtv_vmrpc_response_status(slot, this_sequence);
+            rtv_vmrpc_read_results(slot, &count, 8);
+            at_once++;
+            break;
+        }
+        default:
+            status = call_doorbell(slot, GUEST_PROC_COUNT, 0, 0, &count, 8);
+            ordinary++;
+            break;
+        }
+        if (status != RTV_VMRPC_OK) return 0x100 + status;
+        if (count != ++expected) {
+            report((uint32_t)i);
+            report64(count);
+            report64(expected);
+            return GUEST_STATUS_COUNT_MISMATCH;
+        }
+    }
+    report(answered);
+    report(rang);
+    report(short_spins);
+    report(at_once);
+    report(ordinary);
+    report(blocking);
+    report(gaps);
+    return 0;
+}
+
 uint32_t guest_c_main(uint64_t mode, uint64_t arg0, uint64_t arg1, uint8_t *slot, uint64_t *data) {
     switch (mode) {
     case GUEST_MODE_RPC_DEMO: return rpc_demo(slot);
@@ -331,6 +503,8 @@ uint32_t guest_c_main(uint64_t mode, uint64_t arg0, uint64_t arg1, uint8_t *slot
     case GUEST_MODE_SLEEP_CHECK: return sleep_check(slot, arg0, arg1, (int64_t *)data);
     case GUEST_MODE_UDP_ECHO: return udp_echo(slot, arg0, arg1, (uint8_t *)data);
     case GUEST_MODE_TCP_ECHO: return tcp_echo(slot, arg0, (uint8_t *)data);
+    case GUEST_MODE_RPC_BENCH_EXITLESS: return rpc_bench_exitless(slot, arg0, arg1, data);
+    case GUEST_MODE_RPC_SWITCH: return rpc_switch(slot, arg0, arg1);
     default: return GUEST_STATUS_BAD_MODE;
     }
 }

@@ -73,3 +73,11 @@ void rtv_test_net_read_open(const uint8_t *results, uint32_t *status, uint64_t *
     *status = result.status;
     *handle = result.handle;
 }
+
+void rtv_test_post(uint8_t *slot) { rtv_vmrpc_post(slot); }
+
+int rtv_test_exitless_state(uint8_t *slot, uint32_t sequence) { return rtv_vmrpc_exitless_state(slot, sequence); }
+
+uint32_t rtv_test_control_word(uint8_t *slot, uint32_t offset) {
+    return atomic_load_explicit(rtv_vmrpc_control_word(slot, offset), memory_order_acquire);
+}

@@ -166,3 +166,27 @@ public final class IgnoredPort: BusDevice {
     public func read(_ access: BusAccess) -> UInt64 { 0 }
     public func write(_ access: BusAccess, value: UInt64) -> BusWriteResult { .handled }
 }
+
+/// The host side of the bundled guest's `rpcSwitch` mode: `GuestLayout.countProcedure`, which
+/// counts its calls per vCPU and answers the new count (u64). A call the host answered twice
+/// would skip a count in the guest, one it lost would never be answered.
+public final class BundledGuestCallCounter: Sendable {
+    private let counts = LockedValue<[Int: UInt64]>([:])
+
+    /// A counter at zero for every vCPU.
+    public init() {}
+
+    /// The procedure to give the VMRPC server (`makeVMRPCServer(extra:)`).
+    public var procedure: VMRPCProcedure {
+        VMRPCProcedure(id: GuestLayout.countProcedure, name: "bench.count", argumentLength: 0...0) { [counts] context, _ in
+            let value = counts.withLock { counts -> UInt64 in
+                counts[context.vcpuID, default: 0] += 1
+                return counts[context.vcpuID]!
+            }
+            return .done(status: .ok, results: withUnsafeBytes(of: value.littleEndian, Array.init))
+        }
+    }
+
+    /// The calls counted for `vcpu`.
+    public func count(vcpu: Int) -> UInt64 { counts.withLock { $0[vcpu] ?? 0 } }
+}

@@ -61,6 +61,18 @@ public enum BundledGuestMode: UInt64, Sendable, CaseIterable {
     /// RSI bit 16 is set), reports `GuestLayout.netReady`, accepts one connection at a time
     /// (reporting `GuestLayout.netAccepted`) and echoes it until the peer closes.
     case tcpEcho = 14
+    /// The four paths of `rtvirt rpc-bench` in interleaved rounds of (RDX & 0xFFFF) calls each,
+    /// RSI samples per path: a bare exit, a `null` call with the doorbell, a `null` call exitless
+    /// with the poller warm, and one with the poller asleep (after waiting for `needs_doorbell`);
+    /// `data[4i + path]` = TSC cycles. Then one `timer.sleepUntil` of (RDX >> 32) ms, an idle VM.
+    /// Reports the host's features, warm calls that rang, asleep waits that timed out, asleep calls
+    /// answered exitless. Exits with `GuestLayout.noExitlessStatus` when the host lacks `exitless`.
+    case rpcBenchExitless = 21
+    /// RSI calls of `GuestLayout.countProcedure` switching at random (seed RDX) between the exitless
+    /// and the doorbell paths, with blocking calls and idle gaps between; every count is checked
+    /// (exit `GuestLayout.countMismatchStatus` on one that is not the next, after reporting the
+    /// index, the count and the expected count). Reports the calls per path.
+    case rpcSwitch = 22
 
     /// The LCG multiplier and increment the `compute` mode uses.
     public static let lcgMultiplier: UInt64 = 6_364_136_223_846_793_005
@@ -124,6 +136,12 @@ public enum GuestLayout {
     public static let netStride: UInt64 = 2048
     /// The status the guest exits with for an unknown mode.
     public static let badModeStatus: UInt64 = 0xBAD0
+    /// The host procedure of the rpc-switch mode: counts its calls per vCPU, returns the count (u64).
+    public static let countProcedure: UInt32 = 0x7000
+    /// The rpc-switch mode's exit status when a count is not the next one.
+    public static let countMismatchStatus: UInt64 = 0x200
+    /// The exitless modes' exit status when the host does not offer `exitless`.
+    public static let noExitlessStatus: UInt64 = 0x300
 
     /// The initial stack pointer of vCPU `id`.
     public static func stackPointer(forVCPU id: Int) -> UInt64 { stackTop - UInt64(id) * stackSize }

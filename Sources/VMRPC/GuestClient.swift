@@ -10,6 +10,22 @@ public enum VMRPCGuestClientError: Error, Equatable, Sendable {
     case badResultLength(UInt32)
     /// The arguments do not fit in a slot.
     case argumentsTooLong(Int)
+    /// An exitless call was asked of a host that does not offer `exitless` (or whose features
+    /// the client has not learned yet: make an ordinary call first).
+    case exitlessNotOffered
+}
+
+/// How an exitless call reached its answer.
+public enum VMRPCExitlessPath: Equatable, Sendable {
+    /// The poller answered it: `completed` showed the call's sequence, no doorbell was rung.
+    case exitless
+    /// `needs_doorbell` was set (the poller sleeps, the call was handed to the doorbell, or the
+    /// channel is doorbell-only), so the guest rang.
+    case doorbellNeeded
+    /// The spin bound passed without an answer, so the guest rang.
+    case spinBoundPassed
+    /// The guest posted and rang at once (`ringAtOnce`).
+    case rangAtOnce
 }
 
 /// A guest's side of VMRPC in Swift, over any `GuestMemory`: writes a request into a slot,
@@ -24,6 +40,8 @@ public final class VMRPCGuestClient {
     public var features: VMRPCFeatures
     /// Sequence of the next call.
     public private(set) var nextSequence: UInt32 = 1
+    /// The host's features, from the last response read (empty before the first call).
+    public private(set) var hostFeatures: VMRPCFeatures = []
     private let ringDoorbell: () -> Void
 
     /// A client of the slot at `slot`; `doorbell` must deliver the exit synchronously, as a
@@ -42,17 +60,29 @@ public final class VMRPCGuestClient {
 
     /// Writes `header` and `arguments` as given (even malformed) and rings; for tests of the host.
     public func callRaw(header: VMRPCRequestHeader, arguments: [UInt8]) throws(VMRPCGuestClientError) -> Response {
+        try writeRequest(header: header, arguments: arguments)
+        ringDoorbell()
+        return try readResponse(sequence: header.sequence)
+    }
+
+    private func writeRequest(header: VMRPCRequestHeader, arguments: [UInt8]) throws(VMRPCGuestClientError) {
         guard arguments.count <= VMRPCWire.slotSize - VMRPCWire.argumentsOffset else { throw .argumentsTooLong(arguments.count) }
         do {
             try memory.write(bytes: header.bytes, at: slot)
-            try memory.write(bytes: [UInt8](repeating: 0xEE, count: 32), at: GuestAddress(slot.rawValue + 32)) // stale response
+            // A stale response (never the control area after it).
+            try memory.write(bytes: [UInt8](repeating: 0xEE, count: VMRPCWire.responseLength), at: GuestAddress(slot.rawValue + 32))
             try memory.write(bytes: arguments, at: GuestAddress(slot.rawValue + UInt64(VMRPCWire.argumentsOffset)))
         } catch { throw .memory(error) }
-        ringDoorbell()
+    }
+
+    private func readResponse(sequence: UInt32) throws(VMRPCGuestClientError) -> Response {
         let responseBytes: [UInt8]
-        do { responseBytes = try memory.readBytes(count: 32, at: GuestAddress(slot.rawValue + 32)) } catch { throw .memory(error) }
+        do {
+            responseBytes = try memory.readBytes(count: VMRPCWire.responseLength, at: GuestAddress(slot.rawValue + 32))
+        } catch { throw .memory(error) }
         let response = responseBytes.withUnsafeBytes { VMRPCResponseHeader(decoding: $0) }
-        guard response.sequence == header.sequence else { throw .sequenceMismatch(expected: header.sequence, got: response.sequence) }
+        guard response.sequence == sequence else { throw .sequenceMismatch(expected: sequence, got: response.sequence) }
+        hostFeatures = VMRPCFeatures(rawValue: response.hostFeatures)
         guard response.resultLength <= UInt32(VMRPCWire.maximumResultLength) else { throw .badResultLength(response.resultLength) }
         let results: [UInt8]
         do {
@@ -60,6 +90,50 @@ public final class VMRPCGuestClient {
         } catch { throw .memory(error) }
         return Response(status: VMRPCStatus(rawValue: response.status), rawStatus: response.status, results: results,
                         hostFeatures: VMRPCFeatures(rawValue: response.hostFeatures))
+    }
+
+    /// Calls `procedure` with `arguments` exitlessly (`Docs/VMRPC.md`, "Exitless calls"): writes
+    /// the request with the `exitless` bit, posts it (`posted` = 1, release), fences, and rings
+    /// at once if `needs_doorbell` is set; otherwise polls `completed` (acquire) up to
+    /// `spinLimit` times, ringing when `needs_doorbell` appears or the bound passes.
+    /// `ringAtOnce` posts and rings without spinning (the doorbell then takes the call, or finds
+    /// the poller's answer). Returns the response and how it came.
+    public func callExitless(_ procedure: UInt32, arguments: [UInt8] = [], spinLimit: Int = 1_000_000,
+                             ringAtOnce: Bool = false) throws(VMRPCGuestClientError) -> (Response, VMRPCExitlessPath) {
+        guard hostFeatures.contains(.exitless) else { throw .exitlessNotOffered }
+        let sequence = nextSequence
+        nextSequence &+= 1
+        let header = VMRPCRequestHeader(procedure: procedure, sequence: sequence, argumentLength: UInt32(arguments.count),
+                                        features: features.union(.exitless))
+        try writeRequest(header: header, arguments: arguments)
+        let posted = GuestAddress(slot.rawValue + UInt64(VMRPCWire.postedOffset))
+        let completed = GuestAddress(slot.rawValue + UInt64(VMRPCWire.completedOffset))
+        let needsDoorbell = GuestAddress(slot.rawValue + UInt64(VMRPCWire.needsDoorbellOffset))
+        var path = VMRPCExitlessPath.rangAtOnce
+        do {
+            try memory.atomicStore(UInt32(1), at: posted, ordering: .releasing)
+            guestMemoryFullFence()
+            if !ringAtOnce {
+                path = .spinBoundPassed
+                if try memory.atomicLoad(UInt32.self, at: needsDoorbell, ordering: .acquiring) != 0 {
+                    path = .doorbellNeeded
+                } else {
+                    for _ in 0..<max(spinLimit, 1) {
+                        if try memory.atomicLoad(UInt32.self, at: completed, ordering: .acquiring) == sequence {
+                            path = .exitless
+                            break
+                        }
+                        if try memory.atomicLoad(UInt32.self, at: needsDoorbell, ordering: .acquiring) != 0 {
+                            path = .doorbellNeeded
+                            break
+                        }
+                        spinLoopHint()
+                    }
+                }
+            }
+        } catch { throw .memory(error) }
+        if path != .exitless { ringDoorbell() }
+        return (try readResponse(sequence: sequence), path)
     }
 
     /// Calls `procedure` with `arguments`.

@@ -22,6 +22,8 @@ public struct VMRPCCallContext: Sendable {
     public var sequence: UInt32
     /// The features the guest asked for in this call.
     public var features: VMRPCFeatures
+    /// Whether the exitless poller runs the call (else the vCPU's own thread, in its exit).
+    public var onPoller: Bool = false
 }
 
 /// A host procedure the guest can call.
@@ -34,22 +36,29 @@ public struct VMRPCProcedure: Sendable {
     public let argumentLength: ClosedRange<Int>
     /// Feature bits a call must request to use this procedure (else `unsupportedFeature`).
     public let requiredFeatures: VMRPCFeatures
+    /// Whether the procedure usually answers `.wait` (it sleeps, polls, receives). The exitless
+    /// poller never runs a blocking procedure: it hands the validated call to the vCPU's next
+    /// doorbell, so the procedure runs on the vCPU's own thread. A procedure that is not marked
+    /// and answers `.wait` anyway is handed over after it ran, with its `.wait`; either way it
+    /// runs once per call. A procedure must not assume which thread runs it.
+    public let blocking: Bool
     let handler: @Sendable (VMRPCCallContext, [UInt8]) -> VMRPCReply
 
     /// A procedure over raw argument bytes.
     public init(id: UInt32, name: String, argumentLength: ClosedRange<Int>, requiredFeatures: VMRPCFeatures = [],
-                handler: @escaping @Sendable (VMRPCCallContext, [UInt8]) -> VMRPCReply) {
+                blocking: Bool = false, handler: @escaping @Sendable (VMRPCCallContext, [UInt8]) -> VMRPCReply) {
         self.id = id; self.name = name; self.argumentLength = argumentLength
-        self.requiredFeatures = requiredFeatures; self.handler = handler
+        self.requiredFeatures = requiredFeatures; self.blocking = blocking; self.handler = handler
     }
 
     /// A procedure whose arguments decode as `Arguments` (a decoding failure answers `badArguments`).
     public static func typed<Arguments: VMRPCMessage>(
         id: UInt32, name: String, argumentLength: ClosedRange<Int>, requiredFeatures: VMRPCFeatures = [],
-        arguments: Arguments.Type,
+        blocking: Bool = false, arguments: Arguments.Type,
         _ body: @escaping @Sendable (VMRPCCallContext, Arguments) -> VMRPCReply
     ) -> VMRPCProcedure {
-        VMRPCProcedure(id: id, name: name, argumentLength: argumentLength, requiredFeatures: requiredFeatures) { context, bytes in
+        VMRPCProcedure(id: id, name: name, argumentLength: argumentLength, requiredFeatures: requiredFeatures,
+                       blocking: blocking) { context, bytes in
             do throws(VMRPCStatus) { return body(context, try Arguments.decode(bytes)) } catch { return .failed(error) }
         }
     }

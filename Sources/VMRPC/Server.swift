@@ -89,8 +89,20 @@ public struct VMRPCChannelStatistics: Equatable, Sendable {
     public var parkedCalls: UInt64
     /// Responses whose results could not be written (answered `internal_error` instead).
     public var failedResponses: UInt64
-    /// Whether the channel is broken.
+    /// Whether the channel is broken (and so doorbell-only: the poller no longer reads its slot).
     public var broken: Bool
+    /// Posted calls the exitless poller answered (no exit).
+    public var exitlessCalls: UInt64
+    /// Posted calls a doorbell took (the poller was asleep, or slower than the guest's spin).
+    public var postedDoorbellCalls: UInt64
+    /// Doorbells that found the posted call already answered by the poller (nothing written).
+    public var lateDoorbells: UInt64
+    /// Posted calls the poller handed to the doorbell (blocking procedures).
+    public var handoffs: UInt64
+    /// Handed-over calls the guest abandoned by posting again instead of ringing (malformed).
+    public var abandonedHandoffs: UInt64
+    /// Whether a handed-over call waits for the vCPU's doorbell now.
+    public var awaitingDoorbell: Bool
 }
 
 /// Where the completions of reverse calls run.
@@ -115,6 +127,11 @@ public enum VMRPCCompletionContext: Sendable {
 ///
 /// Every reverse call ends exactly once: with the guest's reply, its timeout, a cancellation,
 /// or the VM's stop (the dispatcher closing the vCPU, `shutdown()`, or the server going away).
+///
+/// With the `exitless` feature (offered by default) a guest may post a call in its slot's
+/// control area instead of ringing; a `VMRPCPoller` attached to the server answers it without an
+/// exit, through `serveExitless(vcpu:)`, with the same validation. Without a poller, or while it
+/// sleeps, `needs_doorbell` tells the guest to ring, and the doorbell takes the posted call.
 public final class VMRPCServer: Sendable {
     /// Guest memory holding the slots.
     public let memory: any GuestMemory
@@ -138,26 +155,50 @@ public final class VMRPCServer: Sendable {
     private let logger: Logger
 
     final class Channel: Sendable {
+        /// The slot, and its control words (checked to lie in guest memory when the server was made).
+        let slot: GuestAddress
+        let postedAddress: GuestAddress
+        let completedAddress: GuestAddress
+        let needsDoorbellAddress: GuestAddress
         let doorbells = Atomic<UInt64>(0)
         let completed = Atomic<UInt64>(0)
         let rejected = Atomic<UInt64>(0)
         let parked = Atomic<UInt64>(0)
         let failedResponses = Atomic<UInt64>(0)
         let broken = Atomic<Bool>(false)
+        let exitlessCalls = Atomic<UInt64>(0)
+        let postedDoorbellCalls = Atomic<UInt64>(0)
+        let lateDoorbells = Atomic<UInt64>(0)
+        let handoffs = Atomic<UInt64>(0)
+        let abandonedHandoffs = Atomic<UInt64>(0)
+        /// A handed-over call waits for its doorbell (mirrors `serving`'s value, for lock-free reads).
+        let handoffPending = Atomic<Bool>(false)
+        /// Held while a call of this slot is served: the doorbell path waits for it, the poller
+        /// only tries. It holds the call handed over to the next doorbell, if any.
+        let serving = LockedValue<Handoff?>(nil)
+        /// Serializes the stores of `needs_doorbell`; holds the value last stored. (Not a
+        /// `LockedValue<Void>`: ThreadSanitizer reports the access to an empty payload at the
+        /// object's address, where other threads read the class metadata, as a race.)
+        let publication = LockedValue<UInt32>(0)
         let reverseCalls: ReverseCallTable
-        /// Token bucket for malformed calls: (tokens, last refill in ns). Only this vCPU's thread uses it.
+        /// Token bucket for malformed calls: (tokens, last refill in ns).
         let malformedBudget: LockedValue<(tokens: Double, refilledAt: UInt64)>
         let metrics: ChannelMetrics
-        init(vcpu: Int, limits: VMRPCLimits, now: UInt64, metrics factory: any MetricsFactory) {
+        init(vcpu: Int, slot: GuestAddress, limits: VMRPCLimits, now: UInt64, metrics factory: any MetricsFactory) {
+            self.slot = slot
+            metrics = ChannelMetrics(vcpu: vcpu, factory: factory)
+            // The slot lies inside guest memory (checked), so these offsets do not overflow.
+            postedAddress = GuestAddress(slot.rawValue + UInt64(VMRPCWire.postedOffset))
+            completedAddress = GuestAddress(slot.rawValue + UInt64(VMRPCWire.completedOffset))
+            needsDoorbellAddress = GuestAddress(slot.rawValue + UInt64(VMRPCWire.needsDoorbellOffset))
             reverseCalls = ReverseCallTable(capacity: limits.reverseCallsPerVCPU)
             malformedBudget = LockedValue((Double(limits.malformedCallBurst), now))
-            metrics = ChannelMetrics(vcpu: vcpu, factory: factory)
         }
     }
 
     /// The swift-metrics of one vCPU's channel (dimension `vcpu`), created once.
     struct ChannelMetrics: Sendable {
-        let doorbells, completed, rejected, broken: Counter
+        let doorbells, completed, rejected, broken, exitless: Counter
         let reverseCallOutcomes: [String: Counter]
         let park: Timer
         init(vcpu: Int, factory: any MetricsFactory) {
@@ -166,6 +207,7 @@ public final class VMRPCServer: Sendable {
             completed = Counter(label: "rtvirt_vmrpc_calls_completed_total", dimensions: dimensions, factory: factory)
             rejected = Counter(label: "rtvirt_vmrpc_calls_rejected_total", dimensions: dimensions, factory: factory)
             broken = Counter(label: "rtvirt_vmrpc_channel_broken_total", dimensions: dimensions, factory: factory)
+            exitless = Counter(label: "rtvirt_vmrpc_exitless_calls_total", dimensions: dimensions, factory: factory)
             park = Timer(label: "rtvirt_vmrpc_park_duration", dimensions: dimensions, factory: factory)
             var outcomes: [String: Counter] = [:]
             for outcome in ["replied", "timed_out", "cancelled", "vm_stopped"] {
@@ -178,8 +220,18 @@ public final class VMRPCServer: Sendable {
         func reverseCallEnded(_ outcome: String) { reverseCallOutcomes[outcome]?.increment() }
     }
 
+    /// The exitless poller the server is linked to.
+    struct PollerLink: Sendable {
+        let id: ObjectIdentifier
+        let wake: @Sendable () -> Void
+        let detach: @Sendable () -> Void
+    }
+    private let pollerLink = LockedValue<PollerLink?>(nil)
+    /// Whether the linked poller is awake (changed under `pollerLink`'s lock).
+    private let pollerAwake = Atomic<Bool>(false)
+
     /// What a procedure id leads to.
-    private enum Route {
+    enum Route: Sendable {
         case procedure(VMRPCProcedure)
         case poll
         case reply
@@ -196,6 +248,15 @@ public final class VMRPCServer: Sendable {
             switch self {
             case .procedure(let procedure): return procedure.requiredFeatures
             case .poll, .reply: return .reverseCalls
+            }
+        }
+
+        /// Whether the exitless poller hands calls of this route to the doorbell unrun.
+        var blocking: Bool {
+            switch self {
+            case .procedure(let procedure): return procedure.blocking
+            case .poll: return true
+            case .reply: return false
             }
         }
     }
@@ -233,7 +294,7 @@ public final class VMRPCServer: Sendable {
         self.procedures = table
         let now = dispatcher.clock.nowNanoseconds()
         let factory = metrics ?? MetricsSystem.factory
-        let channels = slotAddresses.indices.map { Channel(vcpu: $0, limits: limits, now: now, metrics: factory) }
+        let channels = slotAddresses.enumerated().map { Channel(vcpu: $0, slot: $1, limits: limits, now: now, metrics: factory) }
         self.logger = logger
         self.channels = channels
         // The VM stopping (the runner closing the vCPU) ends that vCPU's reverse calls.
@@ -245,6 +306,8 @@ public final class VMRPCServer: Sendable {
                 Self.complete(call.completion, with: .failure(.vmStopped), in: context)
             }
         }
+        // No poller yet: every slot needs the doorbell.
+        publishNeedsDoorbellForAll()
     }
 
     private static func validate(_ slots: any VMRPCSlotPlacement, memory: any GuestMemory,
@@ -301,64 +364,240 @@ public final class VMRPCServer: Sendable {
         return procedures[procedure].map { .procedure($0) }
     }
 
-    // MARK: Handling a call (on the calling vCPU's thread)
+    // MARK: Handling a call
+
+    /// A call fetched once and validated: what the procedure gets.
+    struct PreparedCall: Sendable {
+        var request: VMRPCRequestHeader
+        var route: Route
+        var arguments: [UInt8]
+    }
+
+    /// A posted call the poller took but left for the vCPU's doorbell (a blocking procedure):
+    /// the validated copy, and the procedure's `.wait` when it already ran.
+    struct Handoff: Sendable {
+        var call: PreparedCall
+        var reply: VMRPCReply?
+    }
+
+    /// What validation made of a fetched header.
+    private enum Preparation {
+        /// Answer with this status and no results; `malformed` charges the channel's budget.
+        case answer(VMRPCStatus, malformed: Bool)
+        /// A valid call.
+        case call(PreparedCall)
+    }
+
+    /// What running a call's procedure gave.
+    private enum Invocation {
+        case reply(VMRPCReply)
+        /// A malformed call found by the procedure's own checks (a `reply` naming no call).
+        case reject(VMRPCStatus)
+    }
 
     /// Handles the call in `vcpu`'s slot. Returns when the response is written; a blocking
     /// procedure keeps the calling thread here until its event. A doorbell from a vCPU without
     /// a slot is counted (`unroutedDoorbells`) and otherwise ignored: there is nowhere to answer.
+    ///
+    /// When the server offers `exitless`, the doorbell first takes a posted call (`posted`
+    /// 1 → 0), else finishes a call the poller handed over, else, for a request with the
+    /// `exitless` bit, is a late doorbell for a call the poller already answered (nothing is
+    /// written), else serves the slot as an ordinary call. It waits while the poller is serving
+    /// this vCPU's slot, so it never answers a call twice.
     public func handleDoorbell(vcpu: Int) {
         guard slotAddresses.indices.contains(vcpu) else {
             unrouted.wrappingAdd(1, ordering: .relaxed)
             return
         }
-        let slot = slotAddresses[vcpu], channel = channels[vcpu]
+        let channel = channels[vcpu]
         channel.doorbells.wrappingAdd(1, ordering: .relaxed)
         channel.metrics.doorbells.increment()
-
-        // Fetch once: the whole header, then (below) the arguments, into host memory.
-        var header = [UInt8](repeating: 0, count: VMRPCWire.responseOffset)
-        guard (try? header.withUnsafeMutableBytes({ try memory.read(into: $0, at: slot) })) != nil else {
-            channel.rejected.wrappingAdd(1, ordering: .relaxed)
-            return // guest memory no longer holds the slot: nowhere to answer
+        guard features.contains(.exitless) else {
+            guard let request = fetchHeader(channel) else { return }
+            return serveOnThisThread(channel, vcpu, request, posted: false)
         }
-        let request = header.withUnsafeBytes { VMRPCRequestHeader(decoding: $0) }
-        if channel.broken.load(ordering: .relaxed) {
-            return respond(channel, slot, status: .channelBroken, results: [], sequence: request.sequence)
-        }
-        let headerStatus = request.validate(hostFeatures: features)
-        guard headerStatus == .ok else { return reject(channel, slot, headerStatus, request.sequence) }
-        guard let route = route(request.procedure) else {
-            return reject(channel, slot, .unknownProcedure, request.sequence)
-        }
-        guard VMRPCFeatures(rawValue: request.features).isSuperset(of: route.requiredFeatures) else {
-            return reject(channel, slot, .unsupportedFeature, request.sequence)
-        }
-        guard route.argumentLength.contains(Int(request.argumentLength)) else {
-            return reject(channel, slot, .badArgumentLength, request.sequence)
-        }
-        var arguments = [UInt8](repeating: 0, count: Int(request.argumentLength))
-        if !arguments.isEmpty {
-            guard let argumentsAddress = slot.checkedAdding(UInt64(VMRPCWire.argumentsOffset)),
-                  (try? arguments.withUnsafeMutableBytes({ try memory.read(into: $0, at: argumentsAddress) })) != nil else {
-                return reject(channel, slot, .badArgumentLength, request.sequence)
+        var tookPostedCall = false
+        channel.serving.withLock { handoff in
+            if takePostedCall(channel) {
+                tookPostedCall = true
+                channel.postedDoorbellCalls.wrappingAdd(1, ordering: .relaxed)
+                if handoff != nil {
+                    // The guest posted again instead of ringing for the call it was handed back:
+                    // that call is abandoned, which is malformed.
+                    handoff = nil
+                    channel.handoffPending.store(false, ordering: .relaxed)
+                    channel.abandonedHandoffs.wrappingAdd(1, ordering: .relaxed)
+                    _ = chargeMalformedCall(channel)
+                }
+                guard let request = fetchHeader(channel) else { return }
+                serveOnThisThread(channel, vcpu, request, posted: true)
+            } else if let pending = handoff {
+                handoff = nil
+                channel.handoffPending.store(false, ordering: .relaxed)
+                let reply: VMRPCReply
+                if let waiting = pending.reply {
+                    reply = waiting
+                } else {
+                    switch invoke(pending.call, vcpu: vcpu, onPoller: false) {
+                    case .reply(let answer): reply = answer
+                    case .reject(let status): return reject(channel, status, pending.call.request.sequence, posted: true)
+                    }
+                }
+                finish(channel, vcpu, pending.call, reply, posted: true)
+            } else {
+                guard let request = fetchHeader(channel) else { return }
+                if VMRPCFeatures(rawValue: request.features).contains(.exitless) {
+                    // Nothing posted, nothing handed over: the poller answered this call
+                    // already (the guest's spin bound passed as it did). Nothing to write.
+                    channel.lateDoorbells.wrappingAdd(1, ordering: .relaxed)
+                    return
+                }
+                serveOnThisThread(channel, vcpu, request, posted: false)
             }
         }
-        var reply: VMRPCReply
-        switch route {
+        // Every doorbell re-publishes `needs_doorbell` (a guest that cleared its slot memory
+        // learns it again), and one that carried a posted call wakes a sleeping poller.
+        publishNeedsDoorbell(channel)
+        if tookPostedCall && !channel.broken.load(ordering: .relaxed) { wakePollerIfAsleep() }
+    }
+
+    /// Serves `vcpu`'s posted call, if there is one, without parking anything: what the exitless
+    /// poller calls for each slot it watches (`VMRPCPoller` does; a VMM polling with its own
+    /// thread may call it too). Validation is the doorbell path's, on one copy.
+    ///
+    /// A blocking procedure is not run (or, if it answered `.wait` unannounced, not waited
+    /// for): the call is handed to the vCPU's doorbell, and `needs_doorbell` is set until the
+    /// doorbell comes. A channel that is broken, or whose handed-over call is still waiting for
+    /// its doorbell, is not looked at.
+    public func serveExitless(vcpu: Int) -> VMRPCExitlessOutcome {
+        guard features.contains(.exitless), channels.indices.contains(vcpu) else { return .idle }
+        let channel = channels[vcpu]
+        guard !channel.broken.load(ordering: .relaxed), !channel.handoffPending.load(ordering: .relaxed),
+              (try? memory.atomicLoad(UInt32.self, at: channel.postedAddress, ordering: .relaxed)) == 1 else { return .idle }
+        let served: VMRPCExitlessOutcome? = channel.serving.withLockIfAvailable { handoff in
+            guard handoff == nil, takePostedCall(channel) else { return .idle }
+            guard let request = fetchHeader(channel) else { return .answered }
+            let call: PreparedCall
+            switch prepare(channel, request, posted: true) {
+            case let .answer(status, malformed):
+                if malformed { reject(channel, status, request.sequence, posted: true) } else {
+                    respond(channel, status: status, results: [], sequence: request.sequence, posted: true)
+                }
+                return .answered
+            case .call(let prepared):
+                call = prepared
+            }
+            if call.route.blocking {
+                handoff = Handoff(call: call, reply: nil)
+                return .handedOff
+            }
+            switch invoke(call, vcpu: vcpu, onPoller: true) {
+            case .reject(let status):
+                reject(channel, status, request.sequence, posted: true)
+                return .answered
+            case .reply(let reply):
+                if case .wait = reply {
+                    handoff = Handoff(call: call, reply: reply)
+                    return .handedOff
+                }
+                finish(channel, vcpu, call, reply, posted: true)
+                return .answered
+            }
+        }
+        guard let served else { return .busy }
+        switch served {
+        case .answered:
+            channel.exitlessCalls.wrappingAdd(1, ordering: .relaxed)
+            channel.metrics.exitless.increment()
+            if channel.broken.load(ordering: .relaxed) { publishNeedsDoorbell(channel) }
+        case .handedOff:
+            channel.handoffs.wrappingAdd(1, ordering: .relaxed)
+            channel.handoffPending.store(true, ordering: .relaxed)
+            publishNeedsDoorbell(channel)
+        case .idle, .busy:
+            break
+        }
+        return served
+    }
+
+    /// Takes the posted call of `channel`: `posted` 1 → 0, sequentially consistent (so it
+    /// acquires what the guest published before it). Exactly one taker wins.
+    private func takePostedCall(_ channel: Channel) -> Bool {
+        (try? memory.atomicCompareExchange(1, 0, at: channel.postedAddress)) == 1
+    }
+
+    /// Fetch once: the whole request header, into host memory. Nil when guest memory no longer
+    /// holds the slot (counted; there is nowhere to answer).
+    private func fetchHeader(_ channel: Channel) -> VMRPCRequestHeader? {
+        var header = [UInt8](repeating: 0, count: VMRPCWire.responseOffset)
+        guard (try? header.withUnsafeMutableBytes({ try memory.read(into: $0, at: channel.slot) })) != nil else {
+            channel.rejected.wrappingAdd(1, ordering: .relaxed)
+            return nil
+        }
+        return header.withUnsafeBytes { VMRPCRequestHeader(decoding: $0) }
+    }
+
+    /// Validates the fetched header and copies exactly the validated arguments, once. The order
+    /// of the checks is the specification's.
+    private func prepare(_ channel: Channel, _ request: VMRPCRequestHeader, posted: Bool) -> Preparation {
+        if channel.broken.load(ordering: .relaxed) { return .answer(.channelBroken, malformed: false) }
+        let headerStatus = request.validate(hostFeatures: features)
+        guard headerStatus == .ok else { return .answer(headerStatus, malformed: true) }
+        guard let route = route(request.procedure) else { return .answer(.unknownProcedure, malformed: true) }
+        // A posted call requires `exitless`, as `poll` requires `reverse_calls`.
+        let required = posted ? route.requiredFeatures.union(.exitless) : route.requiredFeatures
+        guard VMRPCFeatures(rawValue: request.features).isSuperset(of: required) else {
+            return .answer(.unsupportedFeature, malformed: true)
+        }
+        guard route.argumentLength.contains(Int(request.argumentLength)) else { return .answer(.badArgumentLength, malformed: true) }
+        var arguments = [UInt8](repeating: 0, count: Int(request.argumentLength))
+        if !arguments.isEmpty {
+            guard let argumentsAddress = channel.slot.checkedAdding(UInt64(VMRPCWire.argumentsOffset)),
+                  (try? arguments.withUnsafeMutableBytes({ try memory.read(into: $0, at: argumentsAddress) })) != nil else {
+                return .answer(.badArgumentLength, malformed: true)
+            }
+        }
+        return .call(PreparedCall(request: request, route: route, arguments: arguments))
+    }
+
+    /// Runs the call's procedure once.
+    private func invoke(_ call: PreparedCall, vcpu: Int, onPoller: Bool) -> Invocation {
+        let channel = channels[vcpu]
+        switch call.route {
         case .procedure(let procedure):
-            let context = VMRPCCallContext(vcpuID: vcpu, sequence: request.sequence,
-                                           features: VMRPCFeatures(rawValue: request.features))
-            reply = procedure.handler(context, arguments)
+            let context = VMRPCCallContext(vcpuID: vcpu, sequence: call.request.sequence,
+                                           features: VMRPCFeatures(rawValue: call.request.features), onPoller: onPoller)
+            return .reply(procedure.handler(context, call.arguments))
         case .poll:
-            reply = poll(channel, arguments)
+            return .reply(poll(channel, call.arguments))
         case .reply:
             // A reply that names no call delivered to this vCPU is malformed: it is counted
             // against the channel's budget, so guessing ids breaks the channel.
-            if let status = handleReply(channel, arguments) { return reject(channel, slot, status, request.sequence) }
-            reply = .done(status: .ok, results: [])
+            if let status = handleReply(channel, call.arguments) { return .reject(status) }
+            return .reply(.done(status: .ok, results: []))
         }
+    }
+
+    /// The doorbell path for one fetched call, on the vCPU's thread.
+    private func serveOnThisThread(_ channel: Channel, _ vcpu: Int, _ request: VMRPCRequestHeader, posted: Bool) {
+        switch prepare(channel, request, posted: posted) {
+        case let .answer(status, malformed):
+            if malformed { return reject(channel, status, request.sequence, posted: posted) }
+            respond(channel, status: status, results: [], sequence: request.sequence, posted: posted)
+        case .call(let call):
+            switch invoke(call, vcpu: vcpu, onPoller: false) {
+            case .reject(let status): reject(channel, status, request.sequence, posted: posted)
+            case .reply(let reply): finish(channel, vcpu, call, reply, posted: posted)
+            }
+        }
+    }
+
+    /// Parks the vCPU for as long as the reply asks (only ever on the vCPU's own thread; on
+    /// the poller the reply is never `.wait`), then writes the response.
+    private func finish(_ channel: Channel, _ vcpu: Int, _ call: PreparedCall, _ reply: VMRPCReply, posted: Bool) {
+        var reply = reply
         var waits = 0
-        let interruptible = VMRPCFeatures(rawValue: request.features).contains(.interruptible)
+        let interruptible = VMRPCFeatures(rawValue: call.request.features).contains(.interruptible)
         while case let .wait(waitRequest, then) = reply {
             guard waits < limits.maximumWaitsPerCall else { reply = .failed(.internalError); break }
             waits += 1
@@ -376,12 +615,14 @@ public final class VMRPCServer: Sendable {
         channel.completed.wrappingAdd(1, ordering: .relaxed)
         channel.metrics.completed.increment()
         guard results.count <= VMRPCWire.maximumResultLength else {
-            return respond(channel, slot, status: .internalError, results: [], sequence: request.sequence)
+            return respond(channel, status: .internalError, results: [], sequence: call.request.sequence, posted: posted)
         }
-        respond(channel, slot, status: status, results: results, sequence: request.sequence)
+        respond(channel, status: status, results: results, sequence: call.request.sequence, posted: posted)
     }
 
-    private func reject(_ channel: Channel, _ slot: GuestAddress, _ status: VMRPCStatus, _ sequence: UInt32) {
+    /// Takes one malformed call from the channel's budget; marks the channel broken (and
+    /// doorbell-only) when the budget is spent. Returns whether it is.
+    private func chargeMalformedCall(_ channel: Channel) -> Bool {
         channel.rejected.wrappingAdd(1, ordering: .relaxed)
         channel.metrics.rejected.increment()
         let now = dispatcher.clock.nowNanoseconds()
@@ -393,15 +634,25 @@ public final class VMRPCServer: Sendable {
             return budget.tokens < 0
         }
         if exhausted, !channel.broken.exchange(true, ordering: .relaxed) {
+            publishNeedsDoorbell(channel)
             channel.metrics.broken.increment()
-            logger.warning("VMRPC channel broken: too many malformed calls", metadata: ["vcpu": "\(channels.firstIndex { $0 === channel } ?? -1)"])
+            logger.warning("VMRPC channel broken: too many malformed calls",
+                           metadata: ["vcpu": "\(channels.firstIndex { $0 === channel } ?? -1)"])
         }
-        respond(channel, slot, status: exhausted ? .channelBroken : status, results: [], sequence: sequence)
+        return exhausted
     }
 
-    /// Writes results, then the response header; the status is part of the last write. When
-    /// the results cannot be written the call is answered `internal_error` without results.
-    private func respond(_ channel: Channel, _ slot: GuestAddress, status: VMRPCStatus, results: [UInt8], sequence: UInt32) {
+    private func reject(_ channel: Channel, _ status: VMRPCStatus, _ sequence: UInt32, posted: Bool) {
+        let exhausted = chargeMalformedCall(channel)
+        respond(channel, status: exhausted ? .channelBroken : status, results: [], sequence: sequence, posted: posted)
+    }
+
+    /// Writes results, then the 20-byte response header; the status is part of the last write.
+    /// When the results cannot be written the call is answered `internal_error` without
+    /// results. A posted call then gets `completed` = its sequence, with release, so that a
+    /// guest that observes it (with acquire) sees the whole response.
+    private func respond(_ channel: Channel, status: VMRPCStatus, results: [UInt8], sequence: UInt32, posted: Bool) {
+        let slot = channel.slot
         var status = status, resultLength = results.count
         if !results.isEmpty {
             let written = slot.checkedAdding(UInt64(VMRPCWire.resultsOffset))
@@ -417,6 +668,90 @@ public final class VMRPCServer: Sendable {
         let written = slot.checkedAdding(UInt64(VMRPCWire.responseOffset))
             .map { (try? memory.write(bytes: response.bytes, at: $0)) != nil } ?? false
         if !written { channel.failedResponses.wrappingAdd(1, ordering: .relaxed) }
+        if posted {
+            if (try? memory.atomicStore(sequence, at: channel.completedAddress, ordering: .releasing)) == nil {
+                channel.failedResponses.wrappingAdd(1, ordering: .relaxed)
+            }
+        }
+    }
+
+    // MARK: Exitless: needs_doorbell and the poller
+
+    /// Stores `needs_doorbell` for `channel` from the host's state now: 1 unless a poller is
+    /// attached and awake, the channel is not broken and no handed-over call waits for its
+    /// doorbell. Stores are serialized per channel and each reads the state under the same
+    /// lock, so the last store reflects the last change.
+    func publishNeedsDoorbell(_ channel: Channel) {
+        guard features.contains(.exitless) else { return }
+        channel.publication.withLock { published in
+            let needs = !pollerAwake.load(ordering: .relaxed) || channel.broken.load(ordering: .relaxed)
+                || channel.handoffPending.load(ordering: .relaxed)
+            published = needs ? 1 : 0
+            try? memory.atomicStore(published, at: channel.needsDoorbellAddress, ordering: .releasing)
+        }
+    }
+
+    private func publishNeedsDoorbellForAll() { for channel in channels { publishNeedsDoorbell(channel) } }
+
+    private func wakePollerIfAsleep() {
+        guard !pollerAwake.load(ordering: .relaxed) else { return }
+        let wake = pollerLink.withLock { $0?.wake }
+        wake?()
+    }
+
+    /// Links the server to a poller. False when another poller has it.
+    func attach(poller id: ObjectIdentifier, wake: @escaping @Sendable () -> Void,
+                detach: @escaping @Sendable () -> Void) -> Bool {
+        pollerLink.withLock { link in
+            guard link == nil else { return false }
+            link = PollerLink(id: id, wake: wake, detach: detach)
+            return true
+        }
+    }
+
+    /// Unlinks the poller `id` (if it is the one linked); every slot then needs the doorbell.
+    func detach(poller id: ObjectIdentifier) {
+        let detached = pollerLink.withLock { link -> Bool in
+            guard link?.id == id else { return false }
+            link = nil
+            pollerAwake.store(false, ordering: .relaxed)
+            return true
+        }
+        if detached { publishNeedsDoorbellForAll() }
+    }
+
+    /// The linked poller `id` is awake (serving posted calls) or asleep; publishes
+    /// `needs_doorbell` for every slot accordingly. Ignored from a poller that is not linked.
+    func setPoller(_ id: ObjectIdentifier, awake: Bool) {
+        let linked = pollerLink.withLock { link -> Bool in
+            guard link?.id == id else { return false }
+            pollerAwake.store(awake, ordering: .relaxed)
+            return true
+        }
+        if linked { publishNeedsDoorbellForAll() }
+    }
+
+    /// Whether some slot the poller serves has a posted call (after a full fence, the second
+    /// half of going to sleep).
+    func hasPostedCall() -> Bool {
+        channels.contains { channel in
+            !channel.broken.load(ordering: .relaxed) && !channel.handoffPending.load(ordering: .relaxed)
+                && (try? memory.atomicLoad(UInt32.self, at: channel.postedAddress, ordering: .relaxed)) == 1
+        }
+    }
+
+    /// Serves every posted call of the server's slots once; returns how many were answered or
+    /// handed over.
+    func serveExitlessAll() -> (taken: Int, answered: Int) {
+        var taken = 0, answered = 0
+        for vcpu in channels.indices {
+            switch serveExitless(vcpu: vcpu) {
+            case .answered: taken += 1; answered += 1
+            case .handedOff: taken += 1
+            case .idle, .busy: break
+            }
+        }
+        return (taken, answered)
     }
 
     // MARK: Reverse calls: the guest's side
@@ -565,8 +900,11 @@ public final class VMRPCServer: Sendable {
 
     /// Stops the server: closes its vCPUs on the dispatcher (cancelling parked calls and
     /// dropping queued messages) and ends every outstanding reverse call with `.vmStopped`.
-    /// `VirtualMachineRunner.stop()` has the same effect on the reverse calls.
+    /// `VirtualMachineRunner.stop()` has the same effect on the reverse calls. A server linked
+    /// to an exitless poller is detached from it.
     public func shutdown() {
+        let detach = pollerLink.withLock { $0?.detach }
+        detach?()
         for (vcpu, channel) in channels.enumerated() {
             dispatcher.closeVCPU(vcpu)
             for call in channel.reverseCalls.endAll() {
@@ -591,8 +929,16 @@ public final class VMRPCServer: Sendable {
         return VMRPCChannelStatistics(
             doorbells: channel.doorbells.load(ordering: .relaxed), completedCalls: channel.completed.load(ordering: .relaxed),
             rejectedCalls: channel.rejected.load(ordering: .relaxed), parkedCalls: channel.parked.load(ordering: .relaxed),
-            failedResponses: channel.failedResponses.load(ordering: .relaxed), broken: channel.broken.load(ordering: .relaxed))
+            failedResponses: channel.failedResponses.load(ordering: .relaxed), broken: channel.broken.load(ordering: .relaxed),
+            exitlessCalls: channel.exitlessCalls.load(ordering: .relaxed),
+            postedDoorbellCalls: channel.postedDoorbellCalls.load(ordering: .relaxed),
+            lateDoorbells: channel.lateDoorbells.load(ordering: .relaxed), handoffs: channel.handoffs.load(ordering: .relaxed),
+            abandonedHandoffs: channel.abandonedHandoffs.load(ordering: .relaxed),
+            awaitingDoorbell: channel.handoffPending.load(ordering: .relaxed))
     }
+
+    /// Whether an exitless poller is linked to this server and awake (serving posted calls).
+    public var isPollerAwake: Bool { pollerAwake.load(ordering: .relaxed) }
 
     /// Clears a broken channel (the VMM decides when to trust the guest again).
     public func repairChannel(vcpu: Int) {
@@ -601,7 +947,21 @@ public final class VMRPCServer: Sendable {
         channels[vcpu].broken.store(false, ordering: .relaxed)
         let now = dispatcher.clock.nowNanoseconds()
         channels[vcpu].malformedBudget.withLock { $0 = (Double(limits.malformedCallBurst), now) }
+        publishNeedsDoorbell(channels[vcpu]) // the exitless path is back too
     }
+}
+
+/// What `VMRPCServer.serveExitless(vcpu:)` did with a slot.
+public enum VMRPCExitlessOutcome: Equatable, Sendable {
+    /// Nothing was posted (or the channel is broken, or a handed-over call waits for its doorbell).
+    case idle
+    /// The vCPU's doorbell path is serving the slot now; try again later.
+    case busy
+    /// A posted call was answered: response written, then `completed`.
+    case answered
+    /// A posted call was taken and validated but needs the vCPU's thread (a blocking
+    /// procedure): `needs_doorbell` is set, and the vCPU's next doorbell finishes it.
+    case handedOff
 }
 
 /// A doorbell on the bus: any write rings the server for the writing vCPU; the value written

@@ -53,7 +53,7 @@ public enum VMRPCStandardProcedures {
         let percentile = earlyReleasePercentile.isFinite ? min(max(earlyReleasePercentile, 0), 1) : 0.9
         let estimators = (0..<max(compensatedVCPUs, 0)).map { _ in ReturnLatencyEstimator(percentile: percentile) }
         return .typed(id: VMRPCProcedureID.timerSleepUntil, name: "timer.sleepUntil", argumentLength: 8...16,
-                      arguments: VMRPCSleepUntil.self) { context, sleep in
+                      blocking: true, arguments: VMRPCSleepUntil.self) { context, sleep in
             guard let mapping = source.mapping(forVCPU: context.vcpuID) else { return .failed(.internalError) }
             let deadline = mapping.monotonicNanoseconds(forGuestTSC: sleep.deadlineGuestTSC, anchor: source.sampleHost())
             var release = deadline

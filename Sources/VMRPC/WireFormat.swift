@@ -18,7 +18,9 @@
 /// | 40 | 4 | sequence echo | host |
 /// | 44 | 4 | host feature bits | host |
 /// | 48 | 4 | host version | host |
-/// | 52 | 12 | reserved, zero | host |
+/// | 52 | 4 | `posted` (exitless control area) | guest sets 1, host clears |
+/// | 56 | 4 | `completed` (exitless control area) | host |
+/// | 60 | 4 | `needs_doorbell` (exitless control area) | host |
 /// | 64 | ≤ 1984 | arguments | guest |
 /// | 2048 | ≤ 2048 | results | host |
 public enum VMRPCWire {
@@ -32,6 +34,19 @@ public enum VMRPCWire {
     public static let slotSize = 4096
     /// Offset of the host-written response part of the header.
     public static let responseOffset = 32
+    /// Bytes of the response part (status … host version); the control area follows it.
+    public static let responseLength = 20
+    /// Offset of the exitless control area (three 32-bit words, naturally aligned).
+    public static let controlOffset = 52
+    /// Offset of `posted`: the guest stores 1 (release) after writing a request; the host
+    /// takes the call by exchanging it back to 0.
+    public static let postedOffset = 52
+    /// Offset of `completed`: the host stores the answered call's `sequence` (release) after
+    /// writing the response.
+    public static let completedOffset = 56
+    /// Offset of `needs_doorbell`: non-zero while the host will not take a posted call
+    /// without a doorbell (host-owned).
+    public static let needsDoorbellOffset = 60
     /// Offset and maximum size of the arguments.
     public static let argumentsOffset = 64
     public static let maximumArgumentLength = 2048 - 64
@@ -53,8 +68,11 @@ public struct VMRPCFeatures: OptionSet, Hashable, Sendable {
     /// A call with this bit may end early with `interrupted` when the VMM has an interrupt
     /// for the parked vCPU; the guest takes the interrupt and calls again.
     public static let interruptible = VMRPCFeatures(rawValue: 1 << 2)
+    /// Calls may be posted through the slot's control area and answered by a host poller
+    /// without a VM exit (`Docs/VMRPC.md`, "Exitless calls"). A posted call must set it.
+    public static let exitless = VMRPCFeatures(rawValue: 1 << 3)
     /// Everything this implementation offers.
-    public static let all: VMRPCFeatures = [.reverseCalls, .mmioDoorbell, .interruptible]
+    public static let all: VMRPCFeatures = [.reverseCalls, .mmioDoorbell, .interruptible, .exitless]
 }
 
 /// The status of a call, written by the host.
@@ -166,7 +184,7 @@ public struct VMRPCResponseHeader: Equatable, Sendable {
         self.hostFeatures = hostFeatures.rawValue
     }
 
-    /// Decodes the first 20 bytes of `bytes` (the fields before the reserved ones). Bytes
+    /// Decodes the first 20 bytes of `bytes` (the response part of the header). Bytes
     /// missing from a shorter buffer read as zero; nothing is read out of bounds.
     public init(decoding bytes: UnsafeRawBufferPointer) {
         guard bytes.count >= 20 else {
@@ -181,12 +199,12 @@ public struct VMRPCResponseHeader: Equatable, Sendable {
         hostVersion = reader.uncheckedUInt32()
     }
 
-    /// The 32 bytes on the wire (reserved bytes zero).
+    /// The 20 bytes on the wire at offset 32. The 12 bytes after them are the exitless
+    /// control area, which a response never writes.
     public var bytes: [UInt8] {
         var writer = VMRPCByteWriter()
         writer.append(status); writer.append(resultLength); writer.append(sequence)
         writer.append(hostFeatures); writer.append(hostVersion)
-        writer.append(UInt32(0)); writer.append(UInt64(0))
         return writer.bytes
     }
 }

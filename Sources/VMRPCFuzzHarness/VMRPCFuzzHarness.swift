@@ -33,13 +33,31 @@ public enum VMRPCFuzzHarness {
         public var acceptedReplies = 0
         /// Reverse calls that ended with an error (timeout, cancel, stop).
         public var failedCalls = 0
+        /// Exitless harness: posted calls the poller answered.
+        public var exitlessCalls = 0
+        /// Exitless harness: posted calls a doorbell took.
+        public var postedDoorbellCalls = 0
+        /// Exitless harness: calls the poller handed to the doorbell.
+        public var handoffs = 0
+        /// Exitless harness: doorbells that found the call answered already.
+        public var lateDoorbells = 0
+        /// Exitless harness: whether a channel was broken (and so fell back to doorbell-only).
+        public var brokenChannels = 0
         /// An empty report.
         public init() {}
     }
 
-    /// Runs one input.
+    /// Runs one input: an input that starts with `VMRPCExitlessFuzzHarness.prefix` ("RTVX")
+    /// goes to the exitless harness, any other to the doorbell harness.
     @discardableResult
     public static func run(_ input: [UInt8]) -> Report {
+        if input.starts(with: VMRPCExitlessFuzzHarness.prefix) {
+            return VMRPCExitlessFuzzHarness.run(Array(input.dropFirst(VMRPCExitlessFuzzHarness.prefix.count)))
+        }
+        return runDoorbells(input)
+    }
+
+    static func runDoorbells(_ input: [UInt8]) -> Report {
         let memory = GuestMemoryMap()
         guard (try? memory.addRegion(at: GuestAddress(0), size: 0x4000)) != nil else { return Report() }
         let clock = ManualClock(start: 1_000_000_000)
@@ -65,8 +83,16 @@ public enum VMRPCFuzzHarness {
             let arguments = (try? memory.readBytes(count: VMRPCWire.maximumArgumentLength,
                                                    at: GuestAddress(slot.rawValue + UInt64(VMRPCWire.argumentsOffset)))) ?? []
             let callsBefore = model.snapshot()
+            let lateBefore = server.statistics(vcpu: vcpu)?.lateDoorbells
+            let responseBefore = try? memory.readBytes(count: VMRPCWire.responseLength, at: GuestAddress(slot.rawValue + 32))
             server.handleDoorbell(vcpu: vcpu)
             doorbells += 1
+            if server.statistics(vcpu: vcpu)?.lateDoorbells != lateBefore {
+                // A request with the `exitless` bit and nothing posted: a late doorbell, which writes nothing.
+                let responseAfter = try? memory.readBytes(count: VMRPCWire.responseLength, at: GuestAddress(slot.rawValue + 32))
+                precondition(responseAfter == responseBefore, "a late doorbell wrote a response")
+                return
+            }
             guard let response = checkResponse(memory: memory, vcpu: vcpu), let request else { return }
             model.check(vcpu: vcpu, request: request, arguments: arguments, response: response, memory: memory,
                         slot: slot, before: callsBefore)

@@ -37,6 +37,42 @@ final class FuzzCorpusReplayTests: XCTestCase {
         XCTAssertEqual(full.reverseCalls, 5, "four fit a table of four; one more after a cancel")
     }
 
+    /// The exitless seeds reach what their invariants are about: calls the poller answers,
+    /// posted calls a doorbell takes, calls handed back, late doorbells, and a channel broken
+    /// by a storm of garbage posts (then doorbell-only).
+    func testExitlessSeedsReachEveryPath() throws {
+        let calls = try replay("exitless-calls")
+        XCTAssertGreaterThan(calls.exitlessCalls, 0)
+        XCTAssertGreaterThan(calls.postedDoorbellCalls, 0)
+        XCTAssertGreaterThan(calls.handoffs, 0)
+        XCTAssertGreaterThan(try replay("exitless-sleep-cycle").lateDoorbells, 0)
+        XCTAssertGreaterThan(try replay("exitless-rewrite-while-posted").brokenChannels, 0)
+        XCTAssertGreaterThan(try replay("exitless-handoff").handoffs, 3)
+        let storm = try replay("exitless-garbage-storm")
+        XCTAssertEqual(storm.exitlessCalls, 8, "7 garbage posts until the burst of 6 is spent, then none until the repair, then 1")
+    }
+
+    /// Random control areas, slots and programs through the exitless harness.
+    func testRandomExitlessInputsKeepTheInvariants() {
+        var generator = SystemRandomNumberGenerator()
+        var total = VMRPCFuzzHarness.Report()
+        for _ in 0..<300 {
+            var input = VMRPCExitlessFuzzHarness.prefix
+            input += (0..<Int.random(in: 4096...4300, using: &generator)).map { _ in UInt8.random(in: 0...255, using: &generator) }
+            if Bool.random(using: &generator) {
+                input.replaceSubrange(4..<12, with: [0x52, 0x54, 0x56, 0x43, 1, 0, 64, 0]) // a valid prefix
+                input.replaceSubrange(4 + 52..<4 + 56, with: [1, 0, 0, 0]) // posted
+            }
+            let report = VMRPCFuzzHarness.run(input)
+            total.exitlessCalls += report.exitlessCalls
+            total.postedDoorbellCalls += report.postedDoorbellCalls
+            total.handoffs += report.handoffs
+        }
+        XCTAssertGreaterThan(total.exitlessCalls, 0, "random programs reach the poller")
+        XCTAssertGreaterThan(total.postedDoorbellCalls, 0, "and posted doorbells")
+        XCTAssertGreaterThan(total.handoffs, 0, "and hand-backs")
+    }
+
     /// Random pages and programs: every run ends every reverse call it started exactly once
     /// (the harness checks each) and answers every doorbell.
     func testRandomInputsKeepTheInvariants() {

@@ -109,6 +109,8 @@ final class X86LongModeTests: XCTestCase {
             "GUEST_REVERSE_ADD": UInt64(GuestLayout.reverseAdd), "GUEST_REVERSE_STOP": UInt64(GuestLayout.reverseStop),
             "GUEST_PORT_RESULT": UInt64(GuestLayout.resultPort), "GUEST_PORT_EXIT": UInt64(GuestLayout.exitPort),
             "GUEST_PORT_INPUT": UInt64(GuestLayout.inputPort), "GUEST_STATUS_BAD_MODE": GuestLayout.badModeStatus,
+            "GUEST_PROC_COUNT": UInt64(GuestLayout.countProcedure), "GUEST_STATUS_COUNT_MISMATCH": GuestLayout.countMismatchStatus,
+            "GUEST_STATUS_NO_EXITLESS": GuestLayout.noExitlessStatus,
         ]
         for (name, value) in expected { XCTAssertEqual(defines[name], value, name) }
         for mode in BundledGuestMode.allCases {

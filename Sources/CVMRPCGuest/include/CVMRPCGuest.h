@@ -26,4 +26,10 @@ uint32_t rtv_test_net_wait_one(uint8_t *out, uint64_t timeout_ns, uint64_t handl
 uint32_t rtv_test_net_read_receive(const uint8_t *results, uint32_t *status, uint32_t *length, uint16_t *family, uint16_t *port);
 /* Reads an open result: status and handle. */
 void rtv_test_net_read_open(const uint8_t *results, uint32_t *status, uint64_t *handle);
+/* Exitless: posts the request in `slot` (posted = 1, release, then a full fence). */
+void rtv_test_post(uint8_t *slot);
+/* What the guest does next for posted call `sequence`: RTV_VMRPC_EXITLESS_WAIT, _DONE or _RING. */
+int rtv_test_exitless_state(uint8_t *slot, uint32_t sequence);
+/* A control word (RTV_VMRPC_POSTED_OFFSET, _COMPLETED_OFFSET, _NEEDS_DOORBELL_OFFSET), loaded with acquire. */
+uint32_t rtv_test_control_word(uint8_t *slot, uint32_t offset);
 #endif

@@ -6,10 +6,16 @@
  * A call: write the request header and arguments into the slot, write anything to the
  * doorbell port (or MMIO address), then read the response. The vCPU does not run while the
  * host handles the call, so no fence is needed beyond a compiler barrier.
+ *
+ * Exitless calls (when the host offers RTV_VMRPC_FEATURE_EXITLESS): write the request, post it
+ * (`posted` = 1, release), fence, and if `needs_doorbell` is clear spin on `completed` (acquire)
+ * for a bounded time; ring the doorbell when `needs_doorbell` is set or the bound passes. The
+ * host's poller answers without a VM exit. The control words are C11 atomics (stdatomic.h).
  */
 #ifndef RTVIRT_VMRPC_H
 #define RTVIRT_VMRPC_H
 
+#include <stdatomic.h>
 #include <stdint.h>
 
 #define RTV_VMRPC_MAGIC          0x43565452u /* "RTVC" */
@@ -20,11 +26,16 @@
 #define RTV_VMRPC_ARGS_MAX       1984u
 #define RTV_VMRPC_RESULTS_OFFSET 2048u
 #define RTV_VMRPC_RESULTS_MAX    2048u
+/* The exitless control area: three 32-bit words after the 20-byte response. */
+#define RTV_VMRPC_POSTED_OFFSET         52u
+#define RTV_VMRPC_COMPLETED_OFFSET      56u
+#define RTV_VMRPC_NEEDS_DOORBELL_OFFSET 60u
 
 /* Feature bits. */
 #define RTV_VMRPC_FEATURE_REVERSE_CALLS (1u << 0)
 #define RTV_VMRPC_FEATURE_MMIO_DOORBELL (1u << 1)
 #define RTV_VMRPC_FEATURE_INTERRUPTIBLE (1u << 2)
+#define RTV_VMRPC_FEATURE_EXITLESS      (1u << 3)
 
 /* Procedures. */
 #define RTV_VMRPC_PROC_NULL        1u
@@ -68,11 +79,17 @@ struct rtv_vmrpc_header {
     uint32_t response_sequence;
     uint32_t host_features;
     uint32_t host_version;
-    uint32_t response_reserved0;
-    uint64_t response_reserved1;
+    /* the exitless control area */
+    uint32_t posted;         /* guest stores 1 (release) after writing a request; the host takes the call by clearing it */
+    uint32_t completed;      /* host stores the answered posted call's sequence (release) after writing the response */
+    uint32_t needs_doorbell; /* host: non-zero while it will not take a posted call without a doorbell */
 };
 
 _Static_assert(sizeof(struct rtv_vmrpc_header) == RTV_VMRPC_HEADER_SIZE, "header is 64 bytes");
+_Static_assert(__builtin_offsetof(struct rtv_vmrpc_header, posted) == RTV_VMRPC_POSTED_OFFSET, "posted at 52");
+_Static_assert(__builtin_offsetof(struct rtv_vmrpc_header, completed) == RTV_VMRPC_COMPLETED_OFFSET, "completed at 56");
+_Static_assert(__builtin_offsetof(struct rtv_vmrpc_header, needs_doorbell) == RTV_VMRPC_NEEDS_DOORBELL_OFFSET, "needs_doorbell at 60");
+_Static_assert(sizeof(_Atomic uint32_t) == 4 && _Alignof(_Atomic uint32_t) == 4, "control words are plain 32-bit words");
 
 /* Results of clock.read. */
 struct rtv_vmrpc_clock_reading {
@@ -151,6 +168,110 @@ static inline uint32_t rtv_vmrpc_call_port(volatile uint8_t *slot, uint16_t port
                                            uint32_t sequence, const void *arguments, uint32_t argument_length,
                                            void *results, uint32_t capacity) {
     if (rtv_vmrpc_write_request(slot, procedure, sequence, 0, arguments, argument_length) != 0)
+        return RTV_VMRPC_BAD_ARGUMENT_LENGTH;
+    rtv_vmrpc_ring_port(port);
+    uint32_t status = rtv_vmrpc_response_status(slot, sequence);
+    if (results && capacity) rtv_vmrpc_read_results(slot, results, capacity);
+    return status;
+}
+
+/* --- Exitless calls --------------------------------------------------------------------- */
+
+/* A control word of the slot as a C11 atomic (same size and alignment as uint32_t). */
+static inline _Atomic uint32_t *rtv_vmrpc_control_word(volatile uint8_t *slot, uint32_t offset) {
+    return (_Atomic uint32_t *)(uintptr_t)(slot + offset);
+}
+
+/* The host's feature bits, from the last response in `slot`. */
+static inline uint32_t rtv_vmrpc_host_features(volatile const uint8_t *slot) {
+    return ((volatile const struct rtv_vmrpc_header *)slot)->host_features;
+}
+
+/* Posts the request written in `slot`: `posted` = 1 with release (the request before it), then a
+ * full fence, so that the `needs_doorbell` read after it cannot be ordered before the post. */
+static inline void rtv_vmrpc_post(volatile uint8_t *slot) {
+    atomic_store_explicit(rtv_vmrpc_control_word(slot, RTV_VMRPC_POSTED_OFFSET), 1u, memory_order_release);
+    atomic_thread_fence(memory_order_seq_cst);
+}
+
+/* What a guest waiting for posted call `sequence` does next. */
+#define RTV_VMRPC_EXITLESS_WAIT 0 /* keep spinning */
+#define RTV_VMRPC_EXITLESS_DONE 1 /* `completed` is the call's sequence: the response is there */
+#define RTV_VMRPC_EXITLESS_RING 2 /* `needs_doorbell` is set: ring */
+
+static inline int rtv_vmrpc_exitless_state(volatile uint8_t *slot, uint32_t sequence) {
+    if (atomic_load_explicit(rtv_vmrpc_control_word(slot, RTV_VMRPC_COMPLETED_OFFSET), memory_order_acquire) == sequence)
+        return RTV_VMRPC_EXITLESS_DONE;
+    if (atomic_load_explicit(rtv_vmrpc_control_word(slot, RTV_VMRPC_NEEDS_DOORBELL_OFFSET), memory_order_acquire) != 0)
+        return RTV_VMRPC_EXITLESS_RING;
+    return RTV_VMRPC_EXITLESS_WAIT;
+}
+
+/* TSC cycles to spin for a posted call before ringing: about one exit on the nested hosts this
+ * project measures (~25 us at 2.4 GHz); guests on bare-metal KVM, where an exit is ~1 us, use less. */
+#define RTV_VMRPC_EXITLESS_SPIN_CYCLES 65536u
+
+static inline uint64_t rtv_vmrpc_tsc(void) {
+    uint32_t low, high;
+    __asm__ __volatile__("rdtsc" : "=a"(low), "=d"(high));
+    return ((uint64_t)high << 32) | low;
+}
+
+/* How an exitless call ended (rtv_vmrpc_call_exitless_port's *path). */
+#define RTV_VMRPC_PATH_EXITLESS   0 /* answered by the poller, no exit */
+#define RTV_VMRPC_PATH_NEEDS_BELL 1 /* needs_doorbell was set: rang */
+#define RTV_VMRPC_PATH_SPIN_BOUND 2 /* the spin bound passed: rang */
+
+/* Posts a request already written (with RTV_VMRPC_FEATURE_EXITLESS in its features) and waits:
+ * spins up to `spin_cycles` TSC cycles on `completed`, rings the doorbell `port` when
+ * `needs_doorbell` is set or the bound passes. When it returns, the response for `sequence` is
+ * in the slot. Stores how it ended in `*path` (may be 0). */
+static inline void rtv_vmrpc_post_and_wait_port(volatile uint8_t *slot, uint16_t port, uint32_t sequence,
+                                                uint64_t spin_cycles, int *path) {
+    rtv_vmrpc_post(slot);
+    int how = RTV_VMRPC_PATH_SPIN_BOUND;
+    int state = rtv_vmrpc_exitless_state(slot, sequence);
+    if (state == RTV_VMRPC_EXITLESS_WAIT) {
+        uint64_t start = rtv_vmrpc_tsc();
+        while ((state = rtv_vmrpc_exitless_state(slot, sequence)) == RTV_VMRPC_EXITLESS_WAIT) {
+            if (rtv_vmrpc_tsc() - start >= spin_cycles) break;
+            __asm__ __volatile__("pause" ::: "memory");
+        }
+    }
+    if (state == RTV_VMRPC_EXITLESS_DONE) {
+        how = RTV_VMRPC_PATH_EXITLESS;
+    } else {
+        if (state == RTV_VMRPC_EXITLESS_RING) how = RTV_VMRPC_PATH_NEEDS_BELL;
+        rtv_vmrpc_ring_port(port);
+    }
+    if (path) *path = how;
+}
+
+/* One exitless call through a port doorbell (the host must offer RTV_VMRPC_FEATURE_EXITLESS;
+ * `features` gets the bit added). Returns the status; results (up to `capacity`) are copied. */
+static inline uint32_t rtv_vmrpc_call_exitless_port(volatile uint8_t *slot, uint16_t port, uint32_t procedure,
+                                                    uint32_t sequence, uint32_t features, const void *arguments,
+                                                    uint32_t argument_length, void *results, uint32_t capacity,
+                                                    uint64_t spin_cycles, int *path) {
+    if (rtv_vmrpc_write_request(slot, procedure, sequence, features | RTV_VMRPC_FEATURE_EXITLESS, arguments,
+                                argument_length) != 0)
+        return RTV_VMRPC_BAD_ARGUMENT_LENGTH;
+    rtv_vmrpc_post_and_wait_port(slot, port, sequence, spin_cycles, path);
+    uint32_t status = rtv_vmrpc_response_status(slot, sequence);
+    if (results && capacity) rtv_vmrpc_read_results(slot, results, capacity);
+    return status;
+}
+
+/* A call through a port doorbell that is exitless when the host offers it (learned from the last
+ * response in the slot: make one ordinary call, such as `null`, first) and ordinary otherwise.
+ * Blocking procedures work either way: the poller hands them back and the doorbell parks the vCPU. */
+static inline uint32_t rtv_vmrpc_call_auto_port(volatile uint8_t *slot, uint16_t port, uint32_t procedure,
+                                                uint32_t sequence, uint32_t features, const void *arguments,
+                                                uint32_t argument_length, void *results, uint32_t capacity) {
+    if (rtv_vmrpc_host_features(slot) & RTV_VMRPC_FEATURE_EXITLESS)
+        return rtv_vmrpc_call_exitless_port(slot, port, procedure, sequence, features, arguments, argument_length,
+                                            results, capacity, RTV_VMRPC_EXITLESS_SPIN_CYCLES, 0);
+    if (rtv_vmrpc_write_request(slot, procedure, sequence, features, arguments, argument_length) != 0)
         return RTV_VMRPC_BAD_ARGUMENT_LENGTH;
     rtv_vmrpc_ring_port(port);
     uint32_t status = rtv_vmrpc_response_status(slot, sequence);

@@ -76,7 +76,10 @@ let package = Package(
         .target(name: "VMRPC", dependencies: ["RTVirtCore", "LongPoll"]),
         .target(
             name: "CgroupScheduler",
-            dependencies: ["RTVirtCore", "RealtimeVCPU", "CLibcgroup", "CLibnuma", "CLinuxSupport"]
+            dependencies: [
+                "RTVirtCore", "RealtimeVCPU", "CLibcgroup", "CLibnuma", "CLinuxSupport",
+                .product(name: "SystemPackage", package: "swift-system"), .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .target(name: "RTVirtTesting", dependencies: ["RTVirtCore", "LongPoll"]),
 

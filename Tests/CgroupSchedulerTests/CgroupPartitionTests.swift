@@ -162,12 +162,14 @@ final class CgroupFileBackendTests: XCTestCase {
     }
 
     func testV2OnlyHierarchyIsRefusedWithAReason() {
+        // Was `.missingController("cpuset")`, which is wrong on v2: there the cpuset
+        // controller is a v2 one, and only the rtGroup mode is impossible (CgroupV2PartitionTests).
         let backend = FileCgroupBackend(mounts: [:])
         let hierarchy = CgroupHierarchy(layout: .v2, mounts: [CgroupMount(path: "/sys/fs/cgroup", version: 2, controllers: ["cpuset", "cpu"])],
-                                        rtGroupScheduling: false)
-        let plan = PartitionPlan(name: "v2", realtimeCPUs: [1], housekeepingCPUs: [0], budget: RTBudget(parsing: "50ms/100ms")!)
+                                        rtGroupScheduling: false, v2DelegatedControllers: ["cpuset", "cpu"])
+        let plan = PartitionPlan(name: "v2", realtimeCPUs: [1], housekeepingCPUs: [0], budget: RTBudget(parsing: "50ms/100ms")!, budgetMode: .rtGroup)
         XCTAssertThrowsError(try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)) {
-            XCTAssertEqual($0 as? CgroupError, .missingController("cpuset"))
+            XCTAssertEqual($0 as? CgroupError, .noRTGroupScheduling)
         }
     }
 }

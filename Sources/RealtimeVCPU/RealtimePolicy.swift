@@ -231,7 +231,8 @@ public final class RealtimeVCPUScheduler: Sendable {
             let saved = try RealtimeThreadPolicy.apply(policy, partition: partition)
             states.withLock { $0[vcpu.id] = VCPUState(status: .applied(threadID: saved.threadID), saved: saved) }
             logger.info("real-time policy applied",
-                        metadata: ["vcpu": "\(vcpu.id)", "class": "\(policy.schedulingClass)", "thread": "\(saved.threadID)"])
+                        metadata: ["vcpu": "\(vcpu.id)", "class": "\((partition?.realtimePolicy(for: policy) ?? policy).schedulingClass)",
+                                  "thread": "\(saved.threadID)"])
             return nil
         } catch {
             states.withLock { $0[vcpu.id] = VCPUState(status: .failed("\(error)"), saved: nil) }

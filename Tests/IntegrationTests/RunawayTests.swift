@@ -99,7 +99,7 @@ final class RunawayTests: XCTestCase {
         let table = RunawayCommand.table(RunawayReport(kvmModule: "kvm_pvm", budget: "50 %", cpu: 1, seconds: 2, globalRTFraction: 0.95,
                                                        phases: phases, leftoverGroups: 0, numa: ""))
         let lines = table.split(separator: "\n")
-        XCTAssertEqual(lines.count, 5, table)
+        XCTAssertEqual(lines.count, 6, table)
         XCTAssertTrue(lines[1].hasPrefix("rtGroup") && lines[1].contains("report after 300 ms"), table)
         XCTAssertTrue(lines[2].hasPrefix("deadline") && lines[2].contains("0:0.50") && lines[2].contains("no report"), table)
         XCTAssertTrue(lines[3].hasPrefix("none") && lines[3].contains("0.95"), table)

@@ -173,9 +173,15 @@ struct RunawayReport: Codable {
         var cleanupMs: Double?
         /// What the partition said about its budget (the mode's reason, the deadline placement).
         var note: String?
-        /// The 1-minute load average when the phase began (`/proc/loadavg`): other runnable
-        /// SCHED_OTHER work on this shared machine takes from the housekeeping threads too.
+        /// The 1-minute load average when the phase began (`/proc/loadavg`; it counts the
+        /// phase's own vCPU and housekeeping threads too).
         var loadAverage: Double?
+        /// CPU time of the measured CPUs (the real-time CPU, and the others the vCPU may run
+        /// on) that neither the vCPU nor the housekeeping threads nor steal took, over wall
+        /// time: other work on this shared machine (builds). It takes from the housekeeping
+        /// threads, not from the vCPU (SCHED_OTHER threads of other sessions get equal shares
+        /// through autogroup, whatever the housekeeping threads' nice value).
+        var otherWorkShare: Double?
     }
     var kvmModule: String
     var budget: String
@@ -309,13 +315,13 @@ struct RunawayCommand: ParsableCommand {
         func cell(_ text: String, _ width: Int) -> String { text.count >= width ? text + " " : text.padding(toLength: width, withPad: " ", startingAt: 0) }
         let withWatchdog = report.phases.contains { $0.watchdogAction != nil }
         var lines = [cell("mode", 10) + cell("vCPU thread", 34) + cell("vCPU", 6) + cell("hk CPU \(report.cpu)", 10)
-                     + cell("hk other CPUs", 15) + cell("steal", 7) + cell("load", 6) + cell("cleanup", 10) + (withWatchdog ? "watchdog" : "")]
+                     + cell("hk other CPUs", 15) + cell("steal", 7) + cell("others", 7) + cell("cleanup", 10) + (withWatchdog ? "watchdog" : "")]
         for phase in report.phases {
             let others = phase.otherHousekeepingShares.sorted { $0.key < $1.key }.map { "\($0.key):\(String(format: "%.2f", $0.value))" }
             var line = cell(phase.mode, 10) + cell(phase.vcpuScheduling, 34) + cell(String(format: "%.2f", phase.vcpuShare), 6)
                 + cell(String(format: "%.2f", phase.housekeepingShare), 10) + cell(others.isEmpty ? "-" : others.joined(separator: " "), 15)
                 + cell(phase.stealShare.map { String(format: "%.2f", $0) } ?? "n/a", 7)
-                + cell(phase.loadAverage.map { String(format: "%.1f", $0) } ?? "-", 6)
+                + cell(phase.otherWorkShare.map { String(format: "%.2f", $0) } ?? "-", 7)
                 + cell(phase.cleanupMs.map { String(format: "%.1f ms", $0) } ?? "-", 10)
             if withWatchdog {
                 line += phase.watchdogDetectionMs.map { String(format: "%@ after %.0f ms", phase.watchdogAction ?? "", $0) } ?? "no report"
@@ -324,7 +330,7 @@ struct RunawayCommand: ParsableCommand {
         }
         lines.append(String(format: "budget %@; without a partition only the global sched_rt_runtime_us (%.2f) limits the vCPU",
                             report.budget, report.globalRTFraction))
-        lines.append("hk: a SCHED_OTHER housekeeping thread spinning on that CPU; it also shares its CPU with any other runnable work (load: 1-min load average)")
+        lines.append("hk: a SCHED_OTHER housekeeping thread spinning on that CPU; others: what other work on the measured CPUs took (it takes from hk, not from the vCPU)")
         return lines.joined(separator: "\n")
     }
 
@@ -400,6 +406,8 @@ struct RunawayCommand: ParsableCommand {
         }
         phase.mode = partition?.budgetMode.mode.rawValue ?? "none"
         phase.loadAverage = load
+        let taken = phase.vcpuShare + phase.housekeepingShare + phase.otherHousekeepingShares.values.reduce(0, +) + (phase.stealShare ?? 0)
+        phase.otherWorkShare = max(0, Double(cpus.count) - taken)
         let schedulingClass: String
         if case let .deadline(runtime, _, period) = effective.schedulingClass {
             schedulingClass = "SCHED_DEADLINE \(runtime / 1_000_000)/\(period / 1_000_000) ms"

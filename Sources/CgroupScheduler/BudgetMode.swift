@@ -197,6 +197,7 @@ public struct KernelDeadlineProbe: DeadlineAdmissionProbe {
     static func classify(_ error: SchedulingError, cpus: CPUSet) -> DeadlineAdmissionError {
         switch error {
         case .notPermitted: return hasSysNice() ? .affinityBelowRootDomain(affinity: cpus, rootDomain: nil) : .notPermitted
+        case .notAdmitted(_, let errno) where errno == .notPermitted: return .affinityBelowRootDomain(affinity: cpus, rootDomain: nil)
         case .notAdmitted: return .bandwidthUnavailable(cpus: cpus)
         default: return .unavailable("\(error)")
         }

@@ -22,9 +22,9 @@ public struct OverrunEvent: Equatable, Sendable, CustomStringConvertible {
     public var vcpu: Int
     /// Its host thread.
     public var threadID: pid_t
-    /// How many periods in a row it used at least the threshold of its runtime.
+    /// Over how many periods in a row it used at least the threshold of its runtime.
     public var consecutivePeriods: Int
-    /// CPU time it used in the last period, nanoseconds.
+    /// CPU time it used since the previous sample (about one period), nanoseconds.
     public var lastPeriodNanoseconds: UInt64
     /// The budget it was held to.
     public var budget: RTBudget
@@ -43,7 +43,8 @@ public struct OverrunEvent: Equatable, Sendable, CustomStringConvertible {
 
 /// An opt-in watchdog for real-time vCPU threads: every budget period it samples each watched
 /// thread's CPU time (`/proc/self/task/TID/schedstat`); a vCPU that used at least `threshold`
-/// of the budget's runtime in `consecutivePeriods` periods in a row is reported (log, the
+/// of the budget's runtime per period over the last `consecutivePeriods` periods in a row is
+/// reported (once, until it stays below that again) (log, the
 /// `onOverrun` hook for metrics, `overrunCount`), and on request demoted to SCHED_OTHER or
 /// handed to the VMM's `pause` callback. A throttled runaway guest shows up here as a vCPU
 /// that always uses exactly its budget; one without any budget uses more.
@@ -87,8 +88,8 @@ public final class OverrunWatchdog: Sendable {
     private struct Watched {
         var threadID: pid_t
         var since: UInt64
-        var lastCPUTime: UInt64?
-        var streak: Int
+        /// (time, CPU time) samples, oldest first: enough to span the last `consecutivePeriods` periods.
+        var history: [(time: UInt64, cpu: UInt64)]
         var reported: Bool
     }
     private struct State {
@@ -120,7 +121,7 @@ public final class OverrunWatchdog: Sendable {
     public func watch(vcpu: Int, threadID: pid_t) {
         let now = clock()
         let start = cpuTime(threadID)
-        state.withLock { $0.watched[vcpu] = Watched(threadID: threadID, since: now, lastCPUTime: start, streak: 0, reported: false) }
+        state.withLock { $0.watched[vcpu] = Watched(threadID: threadID, since: now, history: start.map { [(now, $0)] } ?? [], reported: false) }
     }
 
     /// Stops watching `vcpu`.
@@ -136,11 +137,18 @@ public final class OverrunWatchdog: Sendable {
     public var events: [OverrunEvent] { state.withLock { $0.events } }
 
     /// One sampling step: what the watchdog thread does every period. Returns the reports it made.
+    ///
+    /// The judgement is over the last `consecutivePeriods` periods of wall time, from the
+    /// thread's own CPU time at both ends, not sample by sample: the watchdog thread may share
+    /// a CPU with the vCPU it watches (a deadline vCPU without a root domain of its own runs on
+    /// every CPU), and then its samples come late, in step with the vCPU's throttling.
     @discardableResult
     public func samplePeriod() -> [OverrunEvent] {
         let now = clock()
-        let runtime = UInt64(max(configuration.budget.runtimeMicroseconds, 0)) * 1000
-        let needed = UInt64(Double(runtime) * configuration.threshold)
+        let runtime = Double(max(configuration.budget.runtimeMicroseconds, 0)) * 1000
+        let period = Double(max(configuration.budget.periodMicroseconds, 1)) * 1000
+        let periods = max(configuration.consecutivePeriods, 1)
+        let window = UInt64(period) * UInt64(periods)
         var due: [(vcpu: Int, watched: Watched, used: UInt64)] = []
         let samples = state.withLock { state in state.watched.map { ($0.key, $0.value.threadID) } }
         var times: [Int: UInt64] = [:]
@@ -149,19 +157,22 @@ public final class OverrunWatchdog: Sendable {
             for (vcpu, var watched) in state.watched {
                 guard let time = times[vcpu] else { continue }
                 defer { state.watched[vcpu] = watched }
-                let used = watched.lastCPUTime.map { time >= $0 ? time - $0 : 0 } ?? 0
-                let hadBaseline = watched.lastCPUTime != nil
-                watched.lastCPUTime = time
-                guard hadBaseline else { continue }
-                if used >= needed {
-                    watched.streak += 1
+                let last = watched.history.last
+                watched.history.append((now, time))
+                // The newest sample at least a window old starts the window; older ones go.
+                guard let start = watched.history.lastIndex(where: { now >= $0.time && now - $0.time >= window }) else { continue }
+                watched.history.removeFirst(start)
+                let origin = watched.history[0]
+                let used = time >= origin.cpu ? Double(time - origin.cpu) : 0
+                let elapsed = Double(now - origin.time)
+                if used >= runtime * configuration.threshold * elapsed / period {
+                    if !watched.reported {
+                        watched.reported = true
+                        let lastUsed = last.map { time >= $0.cpu ? time - $0.cpu : 0 } ?? 0
+                        due.append((vcpu, watched, lastUsed))
+                    }
                 } else {
-                    watched.streak = 0
                     watched.reported = false
-                }
-                if watched.streak >= configuration.consecutivePeriods && !watched.reported {
-                    watched.reported = true
-                    due.append((vcpu, watched, used))
                 }
             }
         }
@@ -174,7 +185,7 @@ public final class OverrunWatchdog: Sendable {
             case .pause:
                 if let pause = configuration.pause { pause(vcpu) } else { succeeded = false }
             }
-            let event = OverrunEvent(vcpu: vcpu, threadID: watched.threadID, consecutivePeriods: watched.streak, lastPeriodNanoseconds: used,
+            let event = OverrunEvent(vcpu: vcpu, threadID: watched.threadID, consecutivePeriods: periods, lastPeriodNanoseconds: used,
                                      budget: configuration.budget, detectedAfterNanoseconds: now >= watched.since ? now - watched.since : 0,
                                      action: configuration.action, actionSucceeded: succeeded)
             state.withLock { state in
@@ -182,7 +193,7 @@ public final class OverrunWatchdog: Sendable {
                 state.events.append(event)
             }
             configuration.logger.warning("real-time vCPU overran its budget", metadata: [
-                "vcpu": "\(vcpu)", "thread": "\(watched.threadID)", "periods": "\(watched.streak)",
+                "vcpu": "\(vcpu)", "thread": "\(watched.threadID)", "periods": "\(periods)",
                 "budget": "\(configuration.budget)", "detected_ms": "\(event.detectedAfterNanoseconds / 1_000_000)",
                 "action": "\(configuration.action)", "action_succeeded": "\(succeeded)",
             ])

@@ -7,9 +7,13 @@ import RealtimeVCPU
 
 /// One file write a partition makes, for `--dry-run` and logs.
 public struct CgroupWrite: Equatable, Sendable, CustomStringConvertible {
+    /// The hierarchy: a v1 controller, or `unifiedHierarchy`.
     public var controller: String
+    /// The group, relative to the hierarchy's mount point.
     public var group: String
+    /// The control file.
     public var file: String
+    /// What is written.
     public var value: String
     public var description: String { "\(controller):/\(group)/\(file) = \(value)" }
 }

@@ -2,7 +2,9 @@ import RTVirtCore
 
 /// An RT budget: `runtime` of every `period`, in microseconds.
 public struct RTBudget: Equatable, Codable, Sendable, CustomStringConvertible {
+    /// CPU time per period, µs.
     public var runtimeMicroseconds: Int64
+    /// The period, µs.
     public var periodMicroseconds: Int64
 
     /// A budget.

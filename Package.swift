@@ -90,7 +90,10 @@ let package = Package(
         ),
         .target(
             name: "CgroupScheduler",
-            dependencies: ["RTVirtCore", "RealtimeVCPU", "CLibcgroup", "CLibnuma", "CLinuxSupport"]
+            dependencies: [
+                "RTVirtCore", "RealtimeVCPU", "CLibcgroup", "CLibnuma", "CLinuxSupport",
+                .product(name: "SystemPackage", package: "swift-system"), .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .target(name: "RTVirtTesting", dependencies: ["RTVirtCore", "LongPoll"]),
         .target(name: "VMRPCSockets", dependencies: ["VMRPC", "RTVirtCore", "LongPoll", "CSocketsSupport"]),

@@ -7,10 +7,32 @@ import Glibc
 
 /// Why a cgroup operation failed.
 public enum CgroupError: Error, Equatable, Sendable, CustomStringConvertible {
-    /// The hierarchy lacks a controller the partition needs.
+    /// The v1 hierarchy lacks a controller the partition needs.
     case missingController(String)
-    /// cgroup v2 only: no RT budget there; the plan must pick a substitute.
+    /// No per-group RT budget here (cgroup v2, or a v1 kernel without RT group scheduling):
+    /// the `rtGroup` budget mode is impossible; `deadline` is the substitute.
     case noRTGroupScheduling
+    /// cgroup v2: `controller` is not in the v2 root's `cgroup.controllers` (on a hybrid host
+    /// it is bound to a v1 hierarchy instead). `available` is what the root offers.
+    case v2ControllerUnavailable(controller: String, available: [String])
+    /// cgroup v2: the root offers `controller` but does not enable it for its children
+    /// (`cgroup.subtree_control`). RTVirt never writes outside its subtree; an administrator
+    /// would write `+controller` to `file`.
+    case v2ControllerNotDelegated(controller: String, file: String)
+    /// cgroup v2: the kernel reports the real-time group's `cpuset.cpus.partition` as
+    /// `state` (for example `root invalid (Cpu list in cpuset.cpus not exclusive)`).
+    case partitionInvalid(group: String, state: String)
+    /// cgroup v2: one process has one threaded subtree, so it holds at most one partition.
+    case oneV2PartitionPerProcess(existing: String)
+    /// The SCHED_DEADLINE budget is not admitted (see `DeadlineAdmissionError`).
+    case deadline(DeadlineAdmissionError)
+    /// The RT budget does not fit in what the shared `rtvirt` group can still give (checked
+    /// under the cross-process lock, so two VMMs cannot both take the last share).
+    case budgetUnavailable(requested: Double, available: Double)
+    /// No budget mode works on this host; `reasons` says why for each.
+    case noBudgetMode(reasons: [String])
+    /// The cross-process lock could not be taken.
+    case lock(path: String, errno: Errno)
     /// A libcgroup call failed.
     case libcgroup(operation: String, code: Int32, message: String)
     /// A file operation failed.
@@ -23,8 +45,21 @@ public enum CgroupError: Error, Equatable, Sendable, CustomStringConvertible {
 
     public var description: String {
         switch self {
-        case .missingController(let name): return "the cgroup hierarchy has no '\(name)' controller"
-        case .noRTGroupScheduling: return "this cgroup hierarchy has no cpu.rt_runtime_us (cgroup v2, or a kernel without RT group scheduling)"
+        case .missingController(let name): return "the cgroup v1 hierarchy has no '\(name)' controller"
+        case .noRTGroupScheduling:
+            return "no per-group RT budget here (cgroup v2 has none; a v1 kernel without RT_GROUP_SCHED has no cpu.rt_runtime_us): use the deadline budget mode"
+        case let .v2ControllerUnavailable(controller, available):
+            return "the cgroup v2 root does not offer '\(controller)' (cgroup.controllers: \(available.isEmpty ? "none" : available.joined(separator: " "))); on a hybrid host it is bound to a v1 hierarchy"
+        case let .v2ControllerNotDelegated(controller, file):
+            return "the cgroup v2 root offers '\(controller)' but does not enable it for its children; RTVirt does not write outside its subtree: an administrator would run 'echo +\(controller) > \(file)'"
+        case let .partitionInvalid(group, state): return "the kernel reports \(group)/cpuset.cpus.partition as '\(state)'"
+        case .oneV2PartitionPerProcess(let existing):
+            return "this process already holds \(existing): on cgroup v2 a process's threads live in one threaded subtree, so one partition per process"
+        case .deadline(let error): return "\(error)"
+        case let .budgetUnavailable(requested, available):
+            return "RT budget \(Int((requested * 100).rounded())) % of a CPU exceeds what the shared rtvirt group can still give (\(Int((available * 100).rounded())) %)"
+        case .noBudgetMode(let reasons): return "no budget mode works on this host: " + reasons.joined(separator: "; ")
+        case let .lock(path, errno): return "cannot lock \(path): \(errno)"
         case let .libcgroup(operation, code, message): return "libcgroup \(operation) failed (\(code)): \(message)"
         case let .file(operation, path, errno): return "\(operation) \(path): \(errno)"
         case .outsideSubtree(let path): return "refusing to touch \(path): outside the rtvirt subtree"
@@ -34,8 +69,14 @@ public enum CgroupError: Error, Equatable, Sendable, CustomStringConvertible {
     }
 }
 
-/// The cgroup operations a partition needs, on v1 controller hierarchies. Paths are relative
-/// to each controller's mount point and always inside the project's subtree.
+/// The key that names the unified cgroup v2 hierarchy where the operations below take a
+/// controller: on it threads are listed in and attached through `cgroup.threads`, and a
+/// thread moved out moves its whole process (`cgroup.procs`).
+public let unifiedHierarchy = "cgroup2"
+
+/// The cgroup operations a partition needs, on v1 controller hierarchies (`controller` names
+/// one) and on the v2 hierarchy (`controller` is `unifiedHierarchy`). Paths are relative to
+/// the hierarchy's mount point and always inside the project's subtree.
 public protocol CgroupBackend: Sendable {
     /// Whether `controller` has group `path`.
     func groupExists(_ path: String, controller: String) -> Bool
@@ -48,9 +89,11 @@ public protocol CgroupBackend: Sendable {
     /// Moves thread `tid` into `path` of `controller`.
     func attach(thread tid: pid_t, group path: String, controller: String) throws(CgroupError)
     /// Moves thread `tid` out of the project's subtree into `path` of `controller`, a group
-    /// outside it ("" is the hierarchy's root): only to put a task back where it belongs.
+    /// outside it ("" is the hierarchy's root): only to put a task back where it belongs. On
+    /// v2 this moves the thread's whole process (a thread cannot leave its threaded subtree).
     func moveOut(thread tid: pid_t, to path: String, controller: String) throws(CgroupError)
-    /// The threads in `path` of `controller` (its `tasks` file); empty when there is none.
+    /// The threads in `path` of `controller` (its `tasks` file, on v2 `cgroup.threads`);
+    /// empty when there is none.
     func tasks(in path: String, controller: String) -> [pid_t]
     /// Removes the (empty) group `path`.
     func deleteGroup(_ path: String, controller: String) throws(CgroupError)
@@ -65,27 +108,62 @@ func checkInsideSubtree(_ path: String) throws(CgroupError) {
     guard path == projectSubtree || path.hasPrefix(projectSubtree + "/"), !path.contains("..") else { throw .outsideSubtree(path) }
 }
 
-/// Plain file operations under each controller's mount point (also what tests point at a
+/// Every path a `FileCgroupBackend` was asked to touch, in order: what tests read to prove
+/// that nothing outside the subtree is written.
+public final class CgroupAccessLog: Sendable {
+    /// One file-system operation.
+    public struct Entry: Equatable, Sendable, CustomStringConvertible {
+        /// What was done: `mkdir`, `write`, `rmdir`, `unlink`, `read`, `list`.
+        public var operation: String
+        /// The absolute path.
+        public var path: String
+        /// The value written, for writes.
+        public var value: String?
+        /// Whether it changes something (everything but reads and listings).
+        public var isWrite: Bool { operation != "read" && operation != "list" }
+        public var description: String { "\(operation) \(path)" + (value.map { " = \($0)" } ?? "") }
+    }
+    private let storage = LockedValue<[Entry]>([])
+
+    /// An empty log.
+    public init() {}
+
+    /// Everything recorded so far.
+    public var entries: [Entry] { storage.withLock { $0 } }
+
+    func record(_ operation: String, _ path: String, _ value: String? = nil) {
+        storage.withLock { $0.append(Entry(operation: operation, path: path, value: value)) }
+    }
+}
+
+/// Plain file operations under each hierarchy's mount point (also what tests point at a
 /// temporary directory). The only writes outside the subtree are `moveOut`'s, to the `tasks`
-/// file of the group a thread came from (or its process's group), to put it back there.
+/// file (on v2 `cgroup.procs`) of the group a thread came from (or its process's group), to
+/// put it back there.
 public struct FileCgroupBackend: CgroupBackend {
-    /// Mount point per controller.
+    /// Mount point per controller (`unifiedHierarchy` for cgroup v2).
     public var mounts: [String: String]
+    /// Where every operation is recorded, if anywhere.
+    public var log: CgroupAccessLog?
 
-    /// Controllers mounted at the given paths.
-    public init(mounts: [String: String]) { self.mounts = mounts }
+    /// Hierarchies mounted at the given paths.
+    public init(mounts: [String: String], log: CgroupAccessLog? = nil) { self.mounts = mounts; self.log = log }
 
-    /// The v1 mounts of `hierarchy` by controller.
-    public init(hierarchy: CgroupHierarchy) {
+    /// The v1 mounts of `hierarchy` by controller, and its v2 mount as `unifiedHierarchy`.
+    public init(hierarchy: CgroupHierarchy, log: CgroupAccessLog? = nil) {
         var mounts: [String: String] = [:]
         for mount in hierarchy.mounts where mount.version == 1 { for controller in mount.controllers { mounts[controller] = mount.path } }
-        self.init(mounts: mounts)
+        if let v2 = hierarchy.v2Mount { mounts[unifiedHierarchy] = v2.path }
+        self.init(mounts: mounts, log: log)
     }
 
     func directory(_ path: String, _ controller: String) throws(CgroupError) -> String {
         guard let mount = mounts[controller] else { throw .missingController(controller) }
         return path.isEmpty ? mount : mount + "/" + path
     }
+
+    /// The file threads are listed in and attached through.
+    static func threadsFile(_ controller: String) -> String { controller == unifiedHierarchy ? "cgroup.threads" : "tasks" }
 
     public func groupExists(_ path: String, controller: String) -> Bool {
         guard let directory = try? directory(path, controller) else { return false }
@@ -95,6 +173,7 @@ public struct FileCgroupBackend: CgroupBackend {
     public func createGroup(_ path: String, controller: String) throws(CgroupError) {
         try checkInsideSubtree(path)
         let directory = try directory(path, controller)
+        log?.record("mkdir", directory)
         guard mkdir(directory, 0o755) == 0 || errno == EEXIST else { throw .file(operation: "mkdir", path: directory, errno: Errno(rawValue: errno)) }
     }
 
@@ -104,6 +183,7 @@ public struct FileCgroupBackend: CgroupBackend {
     }
 
     func write(_ value: String, to file: String) throws(CgroupError) {
+        log?.record("write", file, value)
         let fd = open(file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw .file(operation: "open", path: file, errno: Errno(rawValue: errno)) }
         defer { close(fd) }
@@ -114,30 +194,39 @@ public struct FileCgroupBackend: CgroupBackend {
 
     public func value(name: String, group path: String, controller: String) -> String? {
         guard let directory = try? directory(path, controller) else { return nil }
+        log?.record("read", directory + "/" + name)
         return HostFiles().readLine(directory + "/" + name)
     }
 
     public func attach(thread tid: pid_t, group path: String, controller: String) throws(CgroupError) {
         try checkInsideSubtree(path)
-        try write("\(tid)", to: try directory(path, controller) + "/tasks")
+        try write("\(tid)", to: try directory(path, controller) + "/" + Self.threadsFile(controller))
     }
 
     public func moveOut(thread tid: pid_t, to path: String, controller: String) throws(CgroupError) {
-        try write("\(tid)", to: try directory(path, controller) + "/tasks")
+        // On v2 a thread cannot leave its threaded subtree alone: cgroup.procs moves its process.
+        let file = controller == unifiedHierarchy ? "cgroup.procs" : "tasks"
+        try write("\(tid)", to: try directory(path, controller) + "/" + file)
     }
 
     public func tasks(in path: String, controller: String) -> [pid_t] {
         guard let directory = try? directory(path, controller) else { return [] }
-        return (HostFiles().read(directory + "/tasks") ?? "").split(whereSeparator: \.isNewline).compactMap { pid_t($0) }
+        let file = directory + "/" + Self.threadsFile(controller)
+        log?.record("read", file)
+        return (HostFiles().read(file) ?? "").split(whereSeparator: \.isNewline).compactMap { pid_t($0) }
     }
 
     public func deleteGroup(_ path: String, controller: String) throws(CgroupError) {
         try checkInsideSubtree(path)
         let directory = try directory(path, controller)
+        log?.record("rmdir", directory)
         // A real cgroup directory is removed with rmdir; a test directory holds plain files first.
         if rmdir(directory) != 0 {
             if errno == ENOTEMPTY || errno == EEXIST {
-                for name in HostFiles().list(directory) { unlink(directory + "/" + name) }
+                for name in HostFiles().list(directory) {
+                    log?.record("unlink", directory + "/" + name)
+                    unlink(directory + "/" + name)
+                }
                 guard rmdir(directory) == 0 else { throw .file(operation: "rmdir", path: directory, errno: Errno(rawValue: errno)) }
             } else if errno != ENOENT {
                 throw .file(operation: "rmdir", path: directory, errno: Errno(rawValue: errno))
@@ -147,6 +236,7 @@ public struct FileCgroupBackend: CgroupBackend {
 
     public func children(of path: String, controller: String) -> [String] {
         guard let directory = try? directory(path, controller) else { return [] }
+        log?.record("list", directory)
         return HostFiles().list(directory).filter { name in
             var status = stat()
             return stat(directory + "/" + name, &status) == 0 && (status.st_mode & S_IFMT) == S_IFDIR
@@ -155,9 +245,16 @@ public struct FileCgroupBackend: CgroupBackend {
 }
 
 /// The same operations through libcgroup (`cgroup_create_cgroup`, `cgroup_modify_cgroup`,
-/// `cgroup_attach_task_pid`, `cgroup_delete_cgroup`), on the host's real hierarchies. Reads,
+/// `cgroup_attach_task_pid`, `cgroup_delete_cgroup`) on the host's v1 hierarchies. Reads,
 /// and `moveOut` (whose target is outside the subtree libcgroup calls are confined to), are
 /// plain file operations.
+///
+/// On the v2 hierarchy (`unifiedHierarchy`) every operation is a plain file operation:
+/// libcgroup 2.0.2 creating a v2 group with a controller writes `+controller` into the
+/// `cgroup.subtree_control` of every ancestor from the mount point down (the root's too,
+/// outside RTVirt's subtree); without a controller it returns success and creates nothing
+/// (seen on these hybrid hosts); and it attaches through `cgroup.procs` (whole processes)
+/// where a partition needs `cgroup.threads`. See Docs/CgroupScheduler.md.
 public struct LibcgroupBackend: CgroupBackend {
     let files: FileCgroupBackend
 
@@ -191,11 +288,13 @@ public struct LibcgroupBackend: CgroupBackend {
     public func groupExists(_ path: String, controller: String) -> Bool { files.groupExists(path, controller: controller) }
 
     public func createGroup(_ path: String, controller: String) throws(CgroupError) {
+        if controller == unifiedHierarchy { return try files.createGroup(path, controller: controller) }
         guard !groupExists(path, controller: controller) else { return }
         try withGroup(path, controller: controller, { cgroup_create_cgroup($0, 0) }, operation: "cgroup_create_cgroup")
     }
 
     public func setValue(_ value: String, name: String, group path: String, controller: String) throws(CgroupError) {
+        if controller == unifiedHierarchy { return try files.setValue(value, name: name, group: path, controller: controller) }
         try withGroup(path, controller: controller, value: (name, value), { cgroup_modify_cgroup($0) }, operation: "cgroup_modify_cgroup")
     }
 
@@ -204,6 +303,7 @@ public struct LibcgroupBackend: CgroupBackend {
     }
 
     public func attach(thread tid: pid_t, group path: String, controller: String) throws(CgroupError) {
+        if controller == unifiedHierarchy { return try files.attach(thread: tid, group: path, controller: controller) }
         try withGroup(path, controller: controller, { cgroup_attach_task_pid($0, tid) }, operation: "cgroup_attach_task_pid")
     }
 
@@ -214,6 +314,7 @@ public struct LibcgroupBackend: CgroupBackend {
     public func tasks(in path: String, controller: String) -> [pid_t] { files.tasks(in: path, controller: controller) }
 
     public func deleteGroup(_ path: String, controller: String) throws(CgroupError) {
+        if controller == unifiedHierarchy { return try files.deleteGroup(path, controller: controller) }
         guard groupExists(path, controller: controller) else { return }
         try withGroup(path, controller: controller, { cgroup_delete_cgroup($0, 1) }, operation: "cgroup_delete_cgroup")
     }

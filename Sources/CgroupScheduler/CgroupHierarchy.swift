@@ -36,11 +36,19 @@ public struct CgroupHierarchy: Codable, Equatable, Sendable {
     /// Whether real-time group scheduling is available: the v1 `cpu` controller has
     /// `cpu.rt_runtime_us` (v2 has no RT budget).
     public var rtGroupScheduling: Bool
+    /// The controllers the v2 root enables for its children (its `cgroup.subtree_control`):
+    /// RTVirt's v2 partitions need `cpuset` there, and never write it themselves.
+    public var v2DelegatedControllers: [String]
 
     /// A hierarchy description.
-    public init(layout: CgroupLayout, mounts: [CgroupMount], rtGroupScheduling: Bool) {
+    public init(layout: CgroupLayout, mounts: [CgroupMount], rtGroupScheduling: Bool, v2DelegatedControllers: [String] = []) {
         self.layout = layout; self.mounts = mounts; self.rtGroupScheduling = rtGroupScheduling
+        self.v2DelegatedControllers = v2DelegatedControllers
     }
+
+    /// Whether partitions are built on the v2 hierarchy: no v1 `cpuset` and `cpu` with RT group
+    /// scheduling, and a v2 mount. A hybrid host with v1 controllers takes the v1 path.
+    public var usesV2Partitions: Bool { v2Mount != nil && v1Mount(for: "cpuset") == nil }
 
     /// The v1 mount that carries `controller`, if any.
     public func v1Mount(for controller: String) -> CgroupMount? {
@@ -76,7 +84,9 @@ public struct CgroupHierarchy: Codable, Equatable, Sendable {
         }
         let hasV1 = mounts.contains { $0.version == 1 }, hasV2 = mounts.contains { $0.version == 2 }
         let layout: CgroupLayout = hasV1 && hasV2 ? .hybrid : hasV1 ? .v1 : hasV2 ? .v2 : .none
-        var hierarchy = CgroupHierarchy(layout: layout, mounts: mounts, rtGroupScheduling: false)
+        let delegated = mounts.first { $0.version == 2 }.flatMap { files.readLine($0.path + "/cgroup.subtree_control") }?
+            .split(separator: " ").map(String.init) ?? []
+        var hierarchy = CgroupHierarchy(layout: layout, mounts: mounts, rtGroupScheduling: false, v2DelegatedControllers: delegated)
         if let cpu = hierarchy.v1Mount(for: "cpu") {
             hierarchy.rtGroupScheduling = files.exists(cpu.path + "/cpu.rt_runtime_us")
         }

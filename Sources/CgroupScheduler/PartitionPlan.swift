@@ -2,7 +2,9 @@ import RTVirtCore
 
 /// An RT budget: `runtime` of every `period`, in microseconds.
 public struct RTBudget: Equatable, Codable, Sendable, CustomStringConvertible {
+    /// CPU time per period, µs.
     public var runtimeMicroseconds: Int64
+    /// The period, µs.
     public var periodMicroseconds: Int64
 
     /// A budget.
@@ -68,11 +70,15 @@ public struct PartitionPlan: Equatable, Sendable {
     public var budget: RTBudget
     /// Memory node for both partitions (nil: node 0).
     public var memoryNode: Int?
+    /// How the budget is enforced: v1 RT group scheduling, SCHED_DEADLINE per real-time vCPU
+    /// thread, or what the host supports (`CgroupPartition.budgetMode` reports the choice).
+    public var budgetMode: BudgetMode
 
     /// A plan.
-    public init(name: String, realtimeCPUs: CPUSet, housekeepingCPUs: CPUSet, budget: RTBudget, memoryNode: Int? = nil) {
+    public init(name: String, realtimeCPUs: CPUSet, housekeepingCPUs: CPUSet, budget: RTBudget, memoryNode: Int? = nil,
+                budgetMode: BudgetMode = .automatic) {
         self.name = name; self.realtimeCPUs = realtimeCPUs; self.housekeepingCPUs = housekeepingCPUs
-        self.budget = budget; self.memoryNode = memoryNode
+        self.budget = budget; self.memoryNode = memoryNode; self.budgetMode = budgetMode
     }
 
     /// Checks the plan against the host: names, CPUs online and disjoint, a budget that the

@@ -32,7 +32,8 @@ public enum SchedulingError: Error, Equatable, Sendable, CustomStringConvertible
     /// A parameter the kernel rejected (EINVAL), or one out of range before asking it.
     case invalid(what: String)
     /// The RT budget cannot admit this thread (EBUSY from SCHED_DEADLINE admission control,
-    /// or a cgroup without `cpu.rt_runtime_us`).
+    /// or a cgroup without `cpu.rt_runtime_us`), or, with EPERM for a privileged process,
+    /// SCHED_DEADLINE refused an affinity that does not span the thread's root domain.
     case notAdmitted(what: String, errno: Errno)
     /// Another failure.
     case failed(what: String, errno: Errno)
@@ -102,6 +103,11 @@ public enum ThreadScheduling {
         case let .deadline(runtime, deadline, period):
             guard runtime > 0, runtime <= deadline, deadline <= period else { throw .invalid(what: what) }
             let result = rtv_set_deadline(tid, runtime, deadline, period, resetOnFork ? 1 : 0)
+            // As root, EPERM from SCHED_DEADLINE means the affinity is narrower than the root domain.
+            if result == EPERM && geteuid() == 0 {
+                throw .notAdmitted(what: what + ": its affinity does not span its root domain (a SCHED_DEADLINE thread cannot be pinned to part of one)",
+                                   errno: Errno(rawValue: result))
+            }
             guard result == 0 else { throw .from(result, what) }
         }
     }

@@ -44,6 +44,14 @@ public protocol CPUPartitionAssigner: Sendable {
     func assignRealtimeThread(_ threadID: pid_t) throws
     /// Moves thread `threadID` back out of it.
     func releaseThread(_ threadID: pid_t) throws
+    /// The policy a real-time thread gets in this partition: `policy`, or one whose class and
+    /// CPUs the partition's budget dictates (a SCHED_DEADLINE budget, say).
+    func realtimePolicy(for policy: RealtimePolicy) -> RealtimePolicy
+}
+
+extension CPUPartitionAssigner {
+    /// `policy` unchanged: the partition does not dictate the class.
+    public func realtimePolicy(for policy: RealtimePolicy) -> RealtimePolicy { policy }
 }
 
 /// A thread's scheduling state, saved so that it can be restored.
@@ -69,8 +77,10 @@ public struct SavedThreadScheduling: Equatable, Sendable {
 /// The class is set with `SCHED_RESET_ON_FORK`: threads and kernel workers created from the
 /// thread later start as SCHED_OTHER instead of inheriting it.
 public enum RealtimeThreadPolicy {
-    /// Applies `policy` to the calling thread. On failure, undoes what it did and throws.
-    public static func apply(_ policy: RealtimePolicy, partition: (any CPUPartitionAssigner)? = nil) throws -> SavedThreadScheduling {
+    /// Applies `policy` (as the partition adjusts it, `realtimePolicy(for:)`) to the calling
+    /// thread. On failure, undoes what it did and throws.
+    public static func apply(_ requested: RealtimePolicy, partition: (any CPUPartitionAssigner)? = nil) throws -> SavedThreadScheduling {
+        let policy = partition?.realtimePolicy(for: requested) ?? requested
         var saved = try SavedThreadScheduling.captureCurrentThread()
         do {
             if let partition {
@@ -221,7 +231,8 @@ public final class RealtimeVCPUScheduler: Sendable {
             let saved = try RealtimeThreadPolicy.apply(policy, partition: partition)
             states.withLock { $0[vcpu.id] = VCPUState(status: .applied(threadID: saved.threadID), saved: saved) }
             logger.info("real-time policy applied",
-                        metadata: ["vcpu": "\(vcpu.id)", "class": "\(policy.schedulingClass)", "thread": "\(saved.threadID)"])
+                        metadata: ["vcpu": "\(vcpu.id)", "class": "\((partition?.realtimePolicy(for: policy) ?? policy).schedulingClass)",
+                                  "thread": "\(saved.threadID)"])
             return nil
         } catch {
             states.withLock { $0[vcpu.id] = VCPUState(status: .failed("\(error)"), saved: nil) }

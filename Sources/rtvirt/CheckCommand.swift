@@ -10,11 +10,64 @@ struct HostCheckReport: Codable {
     var kvm: KVMHostInfo
     var realtime: RealtimeHostInfo
     var cgroups: CgroupHierarchy
+    /// Each budget mode: supported here or why not.
+    var budgetModes: [BudgetModeSupport]
+    /// What `--budget-mode automatic` picks here (nil: none works).
+    var automaticBudgetMode: String?
+    /// Whether a SCHED_DEADLINE vCPU can be pinned to the real-time CPUs.
+    var deadlineRootDomain: DeadlineRootDomainCheck
     var numa: NUMATopology
 
     static func inspect() -> HostCheckReport {
-        HostCheckReport(kvm: KVMHostInfo.inspect(), realtime: RealtimeHostInfo.inspect(),
-                        cgroups: CgroupHierarchy.detect(), numa: NUMATopology.current())
+        let hierarchy = CgroupHierarchy.detect()
+        let modes = BudgetModeSupport.detect(hierarchy: hierarchy)
+        return HostCheckReport(kvm: KVMHostInfo.inspect(), realtime: RealtimeHostInfo.inspect(), cgroups: hierarchy, budgetModes: modes,
+                               automaticBudgetMode: (try? BudgetModeSupport.choose(.automatic, support: modes))?.mode.rawValue,
+                               deadlineRootDomain: .inspect(hierarchy: hierarchy), numa: NUMATopology.current())
+    }
+}
+
+/// A root domain for the real-time CPUs (the last online CPU, as `rtvirt partition` picks):
+/// what SCHED_DEADLINE needs to pin a vCPU there.
+struct DeadlineRootDomainCheck: Codable {
+    /// The CPUs checked.
+    var realtimeCPUs: String
+    /// The root domain that holds them.
+    var span: String
+    /// Whether they are a root domain of their own.
+    var present: Bool
+    /// What the kernel answered a thread pinned to them asking for SCHED_DEADLINE (nil when not asked).
+    var pinnedProbe: String?
+    /// How it was found.
+    var reason: String
+    /// What an administrator would set (never done by RTVirt: it changes the whole host).
+    var administratorRecipe: [String]?
+
+    static func inspect(hierarchy: CgroupHierarchy) -> DeadlineRootDomainCheck {
+        let online = (try? ThreadScheduling.affinity()) ?? CPUSet([0])
+        let realtime = CPUSet([online.cpus.last ?? 0])
+        let probe: String?
+        if KernelDeadlineProbe.hasSysNice() {
+            switch KernelDeadlineProbe().probe(DeadlineParameters(budget: RTBudget(runtimeMicroseconds: 1000, periodMicroseconds: 100_000)),
+                                               cpus: realtime, place: nil) {
+            case .admitted: probe = "admitted"
+            case .refused(let error): probe = "\(error)"
+            }
+        } else {
+            probe = nil
+        }
+        if hierarchy.usesV2Partitions {
+            return DeadlineRootDomainCheck(realtimeCPUs: "\(realtime)", span: "\(realtime)", present: true, pinnedProbe: probe,
+                                           reason: "cgroup v2: the deadline mode makes a cpuset partition root of the real-time CPUs under rtvirt/ (a root domain of their own)",
+                                           administratorRecipe: nil)
+        }
+        let backend = FileCgroupBackend(hierarchy: hierarchy)
+        let report = RootDomainReport.v1(realtimeCPUs: realtime, backend: backend, online: online)
+        let recipe = report.ownRootDomain ? nil
+            : RootDomainReport.administratorRecipe(realtimeCPUs: realtime, housekeeping: CPUSet(online.cpus.filter { !realtime.contains($0) }),
+                                                   mount: hierarchy.v1Mount(for: "cpuset")?.path)
+        return DeadlineRootDomainCheck(realtimeCPUs: "\(realtime)", span: "\(report.span)", present: report.ownRootDomain, pinnedProbe: probe,
+                                       reason: report.reason, administratorRecipe: recipe)
     }
 }
 
@@ -93,7 +146,23 @@ struct CheckCommand: ParsableCommand {
         }
         item(cg.rtGroupScheduling, "RT group scheduling", cg.rtGroupScheduling
              ? "cpu.rt_runtime_us present: real-time partitions get their own RT budget"
-             : "no cpu.rt_runtime_us: a partition needs a substitute budget (global sched_rt_runtime_us or SCHED_DEADLINE)")
+             : "no cpu.rt_runtime_us: a partition needs a substitute budget (SCHED_DEADLINE)")
+        item(nil, "partitions built on", cg.usesV2Partitions ? "cgroup v2 (unified hierarchy)" : "cgroup v1 controller hierarchies")
+
+        section("Budget modes (rtvirt partition/runaway --budget-mode)")
+        for mode in report.budgetModes {
+            item(mode.supported, mode.mode.rawValue, (mode.supported ? "supported: " : "absent: ") + mode.reason)
+        }
+        item(report.automaticBudgetMode != nil, "automatic", report.automaticBudgetMode.map { "picks \($0)" } ?? "no mode works here")
+        let domain = report.deadlineRootDomain
+        item(domain.present, "root domain of CPU \(domain.realtimeCPUs)", domain.present
+             ? "present: a SCHED_DEADLINE vCPU can be pinned there"
+             : "absent: \(domain.reason); the deadline mode runs vCPUs with the root domain's affinity \(domain.span)")
+        if let probe = domain.pinnedProbe { item(nil, "deadline pinned probe", probe) }
+        if let recipe = domain.administratorRecipe {
+            lines.append("         RTVirt does not change the host's root domains. An administrator would set (cgroup v1):")
+            for command in recipe { lines.append("           \(command)") }
+        }
 
         section("NUMA")
         item(nil, "nodes", report.numa.available ? "\(report.numa.nodeCount) (\(report.numa.cpusByNode.enumerated().map { "node\($0.offset): \($0.element)" }.joined(separator: ", ")))" : "libnuma: NUMA not available")

@@ -1,6 +1,7 @@
 import CgroupScheduler
 import Foundation
 import RTVirtCore
+import RealtimeVCPU
 import RTVirtTesting
 import XCTest
 
@@ -162,12 +163,14 @@ final class CgroupFileBackendTests: XCTestCase {
     }
 
     func testV2OnlyHierarchyIsRefusedWithAReason() {
+        // Was `.missingController("cpuset")`, which is wrong on v2: there the cpuset
+        // controller is a v2 one, and only the rtGroup mode is impossible (CgroupV2PartitionTests).
         let backend = FileCgroupBackend(mounts: [:])
         let hierarchy = CgroupHierarchy(layout: .v2, mounts: [CgroupMount(path: "/sys/fs/cgroup", version: 2, controllers: ["cpuset", "cpu"])],
-                                        rtGroupScheduling: false)
-        let plan = PartitionPlan(name: "v2", realtimeCPUs: [1], housekeepingCPUs: [0], budget: RTBudget(parsing: "50ms/100ms")!)
+                                        rtGroupScheduling: false, v2DelegatedControllers: ["cpuset", "cpu"])
+        let plan = PartitionPlan(name: "v2", realtimeCPUs: [1], housekeepingCPUs: [0], budget: RTBudget(parsing: "50ms/100ms")!, budgetMode: .rtGroup)
         XCTAssertThrowsError(try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)) {
-            XCTAssertEqual($0 as? CgroupError, .missingController("cpuset"))
+            XCTAssertEqual($0 as? CgroupError, .noRTGroupScheduling)
         }
     }
 }
@@ -266,5 +269,84 @@ final class RealCgroupPartitionTests: XCTestCase {
         XCTAssertEqual(CgroupPartition.allVMGroups(backend: backend).filter { $0.hasPrefix("rtvirt/unplaced-") }, [])
         XCTAssertEqual(backend.value(name: "cpu.rt_runtime_us", group: "rtvirt", controller: "cpu"), sharedBefore,
                        "the whole budget went back (or the shared group went away with the last partition)")
+    }
+}
+
+/// The deadline mode and mode selection on the real host (these machines are hybrid: the v1 path).
+final class RealDeadlinePartitionTests: XCTestCase {
+    func testTheHybridHostTakesTheV1PathAndAutomaticPicksRTGroup() throws {
+        let hierarchy = try realHierarchyOrSkip()
+        let online = try twoCPUsOrSkip()
+        XCTAssertFalse(hierarchy.usesV2Partitions, "v1 controllers present: partitions are built on v1")
+        let backend = try LibcgroupBackend(hierarchy: hierarchy)
+        let plan = PartitionPlan(name: "automatic", realtimeCPUs: [online.cpus.last!], housekeepingCPUs: [online.cpus.first!],
+                                 budget: RTBudget(parsing: "50ms/100ms")!)
+        let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)
+        defer { _ = try? partition.remove() }
+        XCTAssertEqual(partition.cgroupVersion, 1)
+        XCTAssertEqual(partition.budgetMode.mode, .rtGroup, "\(partition.budgetMode)")
+        XCTAssertTrue(partition.budgetMode.reason.hasPrefix("automatic"))
+        XCTAssertTrue(backend.groupExists(partition.realtimeGroup, controller: "cpu"))
+        XCTAssertFalse(backend.groupExists(partition.vmGroup, controller: unifiedHierarchy), "nothing in the v2 hierarchy")
+        try partition.remove()
+    }
+
+    /// A vCPU-like thread in a deadline partition gets SCHED_DEADLINE with the budget and the
+    /// affinity the kernel admits; here (the root cpuset balances load over every CPU) that is
+    /// the root domain's, and the partition says so. Restoring and removal leave nothing.
+    func testADeadlineThreadRunsWithTheRootDomainsAffinityAndIsRestored() throws {
+        let hierarchy = try realHierarchyOrSkip()
+        let online = try twoCPUsOrSkip()
+        guard KernelDeadlineProbe.hasSysNice() else { throw unavailable("deadline test skipped: SCHED_DEADLINE needs CAP_SYS_NICE") }
+        let backend = try LibcgroupBackend(hierarchy: hierarchy)
+        let rtCPU = online.cpus.last!
+        let plan = PartitionPlan(name: "deadlinetest", realtimeCPUs: [rtCPU], housekeepingCPUs: [online.cpus.first!],
+                                 budget: RTBudget(parsing: "20ms/100ms")!, budgetMode: .deadline)
+        let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)
+        defer { _ = try? partition.remove() }
+        let placement = try XCTUnwrap(partition.deadlinePlacement)
+        print("deadline placement: \(placement)")
+        let rootBalances = backend.value(name: "cpuset.sched_load_balance", group: "", controller: "cpuset") != "0"
+        if rootBalances {
+            XCTAssertFalse(placement.pinned, "one root domain: a deadline thread cannot be pinned to CPU \(rtCPU)")
+            XCTAssertEqual(placement.affinity, online)
+            XCTAssertTrue(placement.message.contains("root domain's affinity"), placement.message)
+        }
+        XCTAssertFalse(backend.groupExists(partition.vmGroup, controller: "cpu"), "no RT group in the deadline mode")
+        let outcome = LockedValue<Result<(SchedulingClass, CPUSet, Bool), any Error>?>(nil)
+        let phase = ConditionLock(0)
+        let thread = try HostThread(name: "dl-vcpu") {
+            do {
+                let saved = try RealtimeThreadPolicy.apply(RealtimePolicy(schedulingClass: .fifo(priority: 10), cpus: [rtCPU]), partition: partition)
+                outcome.withLock { $0 = .success((try! ThreadScheduling.schedulingClass(), try! ThreadScheduling.affinity(),
+                                                  try! ThreadScheduling.resetsOnFork())) } // the calling thread's own, just set
+                RealtimeThreadPolicy.restore(saved, partition: partition)
+            } catch {
+                outcome.withLock { $0 = .failure(error) }
+            }
+            phase.withLockAndBroadcast { $0 = 1 }
+        }
+        thread.join()
+        let (schedulingClass, affinity, resetOnFork) = try XCTUnwrap(outcome.withLock { $0 }).get()
+        XCTAssertEqual(schedulingClass, .deadline(runtime: 20_000_000, deadline: 100_000_000, period: 100_000_000))
+        XCTAssertEqual(affinity, placement.affinity)
+        XCTAssertTrue(resetOnFork)
+        try partition.remove()
+        XCTAssertEqual(CgroupPartition.allVMGroups(backend: backend).filter { $0.hasPrefix("rtvirt/deadlinetest-") }, [])
+    }
+
+    /// The kernel's rule, seen directly: pinned to one CPU of a larger root domain, a
+    /// SCHED_DEADLINE thread is refused (EPERM), and the probe says why.
+    func testTheProbeSeesTheRootDomainRule() throws {
+        _ = try realHierarchyOrSkip()
+        let online = try twoCPUsOrSkip()
+        guard KernelDeadlineProbe.hasSysNice() else { throw unavailable("probe test skipped: SCHED_DEADLINE needs CAP_SYS_NICE") }
+        let parameters = DeadlineParameters(budget: RTBudget(parsing: "5ms/10ms")!)
+        XCTAssertEqual(KernelDeadlineProbe().probe(parameters, cpus: online, place: nil), .admitted)
+        let backend = FileCgroupBackend(hierarchy: CgroupHierarchy.detect())
+        if backend.value(name: "cpuset.sched_load_balance", group: "", controller: "cpuset") != "0" {
+            XCTAssertEqual(KernelDeadlineProbe().probe(parameters, cpus: [online.cpus.last!], place: nil),
+                           .refused(.affinityBelowRootDomain(affinity: [online.cpus.last!], rootDomain: nil)))
+        }
     }
 }

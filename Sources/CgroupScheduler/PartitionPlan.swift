@@ -108,3 +108,27 @@ public struct PartitionPlan: Equatable, Sendable {
         guard node >= 0, node < max(nodeCount, 1) else { throw .noSuchMemoryNode(node, nodeCount: nodeCount) }
     }
 }
+
+extension PartitionPlan {
+    /// The real-time share a new partition may still take on this host, as a fraction of a CPU
+    /// period: the global `sched_rt_runtime_us / sched_rt_period_us` (1 when RT throttling is
+    /// off), less what RTVirt's shared `rtvirt` group already gives its partitions in the
+    /// `rtGroup` mode. What `validate(onlineCPUs:nodeCount:availableRTFraction:)` needs.
+    public static func availableRTFraction(hierarchy: CgroupHierarchy, backend: any CgroupBackend,
+                                           mode: BudgetMode = .rtGroup, files: HostFiles = HostFiles()) -> Double {
+        let runtime = Double(files.readInteger("/proc/sys/kernel/sched_rt_runtime_us") ?? 950_000)
+        let period = Double(files.readInteger("/proc/sys/kernel/sched_rt_period_us") ?? 1_000_000)
+        if runtime < 0 { return 1 }
+        if mode == .deadline { return runtime / period }
+        let used = Double(backend.value(name: "cpu.rt_runtime_us", group: projectSubtree, controller: "cpu") ?? "0") ?? 0
+        let usedPeriod = Double(backend.value(name: "cpu.rt_period_us", group: projectSubtree, controller: "cpu") ?? "") ?? period
+        return max(0, runtime / period - used / max(usedPeriod, 1))
+    }
+
+    /// Checks the plan against this host as it is now: the CPUs this process may use, its NUMA
+    /// nodes, and the real-time share still free (`availableRTFraction`).
+    public func validate(hierarchy: CgroupHierarchy, backend: any CgroupBackend, mode: BudgetMode = .rtGroup) throws {
+        try validate(onlineCPUs: ThreadScheduling.affinity(), nodeCount: NUMATopology.current().nodeCount,
+                     availableRTFraction: Self.availableRTFraction(hierarchy: hierarchy, backend: backend, mode: mode))
+    }
+}

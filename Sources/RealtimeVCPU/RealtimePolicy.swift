@@ -165,6 +165,7 @@ public final class RealtimeVCPUScheduler: Sendable {
     }
     private let states: LockedValue<[Int: VCPUState]>
     private let threads = LockedValue<[Int: any VCPUThreadWork]>([:])
+    private let applied = LockedValue<[Int: AppliedRealtimePolicy]>([:])
 
     /// Policies by vCPU id, an optional partition real-time threads join, what a failure does,
     /// and where applied, failed and restored policies are logged.
@@ -180,6 +181,10 @@ public final class RealtimeVCPUScheduler: Sendable {
 
     /// The status of `vcpu`'s thread.
     public func status(vcpu: Int) -> Status { states.withLock { $0[vcpu]?.status ?? .untouched } }
+
+    /// What the kernel reported on `vcpu`'s thread right after its policy was applied: kept
+    /// after the thread is restored, as evidence of how the vCPU ran. Nil if never applied.
+    public func appliedPolicy(vcpu: Int) -> AppliedRealtimePolicy? { applied.withLock { $0[vcpu] } }
 
     /// For `VirtualMachineRunner(onThreadStart:)`. Throws `RealtimePolicyFailure` when the
     /// policy cannot be applied and failures are refused, which keeps the VM from starting.
@@ -230,6 +235,9 @@ public final class RealtimeVCPUScheduler: Sendable {
             try vcpu.prepareHostThread()
             let saved = try RealtimeThreadPolicy.apply(policy, partition: partition)
             states.withLock { $0[vcpu.id] = VCPUState(status: .applied(threadID: saved.threadID), saved: saved) }
+            let record = AppliedRealtimePolicy(threadID: saved.threadID, schedulingClass: try? ThreadScheduling.schedulingClass(),
+                                               cpus: try? ThreadScheduling.affinity(), joinedPartition: saved.joinedPartition)
+            applied.withLock { $0[vcpu.id] = record }
             logger.info("real-time policy applied",
                         metadata: ["vcpu": "\(vcpu.id)", "class": "\((partition?.realtimePolicy(for: policy) ?? policy).schedulingClass)",
                                   "thread": "\(saved.threadID)"])
@@ -247,4 +255,17 @@ public final class RealtimeVCPUScheduler: Sendable {
             return failure
         }
     }
+}
+
+/// How a vCPU's thread was scheduled right after its real-time policy was applied, read back
+/// from the kernel on that thread.
+public struct AppliedRealtimePolicy: Equatable, Sendable {
+    /// The thread's kernel id.
+    public var threadID: pid_t
+    /// The class the kernel reported (nil if it could not be read).
+    public var schedulingClass: SchedulingClass?
+    /// The CPUs the thread may run on (nil if they could not be read).
+    public var cpus: CPUSet?
+    /// Whether the thread joined the partition.
+    public var joinedPartition: Bool
 }

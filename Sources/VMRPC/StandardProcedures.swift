@@ -48,10 +48,15 @@ public enum VMRPCStandardProcedures {
     /// its deadline instead of one return trip after it. `earlyReleasePercentile` is the
     /// percentile of the recent return latencies released early by (0 ... 1, clamped): higher
     /// values make late arrivals rarer and cost more guest-side spinning.
+    /// `maximumEarlyReleaseNanoseconds` caps the early release (default 100 µs).
     public static func timerSleepUntil(_ source: any GuestClockSource, compensatedVCPUs: Int = 64,
-                                       earlyReleasePercentile: Double = 0.9) -> VMRPCProcedure {
+                                       earlyReleasePercentile: Double = 0.9,
+                                       maximumEarlyReleaseNanoseconds: Double = 100_000) -> VMRPCProcedure {
         let percentile = earlyReleasePercentile.isFinite ? min(max(earlyReleasePercentile, 0), 1) : 0.9
-        let estimators = (0..<max(compensatedVCPUs, 0)).map { _ in ReturnLatencyEstimator(percentile: percentile) }
+        let cap = maximumEarlyReleaseNanoseconds.isFinite ? max(maximumEarlyReleaseNanoseconds, 0) : 100_000
+        let estimators = (0..<max(compensatedVCPUs, 0)).map { _ in
+            ReturnLatencyEstimator(percentile: percentile, maximumNanoseconds: cap)
+        }
         return .typed(id: VMRPCProcedureID.timerSleepUntil, name: "timer.sleepUntil", argumentLength: 8...16,
                       blocking: true, arguments: VMRPCSleepUntil.self) { context, sleep in
             guard let mapping = source.mapping(forVCPU: context.vcpuID) else { return .failed(.internalError) }
@@ -77,9 +82,12 @@ public enum VMRPCStandardProcedures {
         }
     }
 
-    /// `null`, `clock.read` and `timer.sleepUntil` (with `earlyReleasePercentile`).
-    public static func all(clock source: any GuestClockSource, earlyReleasePercentile: Double = 0.9) -> [VMRPCProcedure] {
-        [null(), clockRead(source), timerSleepUntil(source, earlyReleasePercentile: earlyReleasePercentile)]
+    /// `null`, `clock.read` and `timer.sleepUntil` (with `earlyReleasePercentile` and
+    /// `maximumEarlyReleaseNanoseconds`).
+    public static func all(clock source: any GuestClockSource, earlyReleasePercentile: Double = 0.9,
+                           maximumEarlyReleaseNanoseconds: Double = 100_000) -> [VMRPCProcedure] {
+        [null(), clockRead(source), timerSleepUntil(source, earlyReleasePercentile: earlyReleasePercentile,
+                                                    maximumEarlyReleaseNanoseconds: maximumEarlyReleaseNanoseconds)]
     }
 }
 

@@ -19,19 +19,6 @@ extension RTBudget: ExpressibleByArgument {
 extension BudgetMode: ExpressibleByArgument {}
 extension OverrunAction: ExpressibleByArgument {}
 
-/// The host's free RT share for a new partition in `mode`: for `rtGroup` the global limit
-/// minus what `rtvirt` holds; for `deadline` the global limit (SCHED_DEADLINE bandwidth of a
-/// CPU; the kernel admits or refuses the rest when the thread's class is set).
-func availableRTFraction(hierarchy: CgroupHierarchy, backend: any CgroupBackend, mode: BudgetMode = .rtGroup) -> Double {
-    let files = HostFiles()
-    let runtime = Double(files.readInteger("/proc/sys/kernel/sched_rt_runtime_us") ?? 950_000)
-    let period = Double(files.readInteger("/proc/sys/kernel/sched_rt_period_us") ?? 1_000_000)
-    if runtime < 0 { return 1 }
-    if mode == .deadline { return runtime / period }
-    let used = Double(backend.value(name: "cpu.rt_runtime_us", group: projectSubtree, controller: "cpu") ?? "0") ?? 0
-    return max(0, runtime / period - used / 1_000_000)
-}
-
 /// A logger for library events the tool prints itself: errors only.
 func quietLogger(_ label: String = "rtvirt.cgroup") -> Logger {
     var logger = Logger(label: label)
@@ -99,7 +86,7 @@ struct PartitionCommand: ParsableCommand {
                                  housekeepingCPUs: housekeepingCPUs ?? CPUSet(online.cpus.dropLast()), budget: budget, memoryNode: node,
                                  budgetMode: budgetMode)
         let choice = try resolveBudgetMode(budgetMode, hierarchy: hierarchy)
-        let available = availableRTFraction(hierarchy: hierarchy, backend: backend, mode: choice.mode)
+        let available = PartitionPlan.availableRTFraction(hierarchy: hierarchy, backend: backend, mode: choice.mode)
         try plan.validate(onlineCPUs: online, nodeCount: NUMATopology.current().nodeCount, availableRTFraction: available)
         if `repeat` > 1 { return try cycle(plan, hierarchy: hierarchy, backend: backend) }
         print("cgroup layout: \(hierarchy.layout.rawValue); RT group scheduling: \(hierarchy.rtGroupScheduling ? "yes (cpu.rt_runtime_us)" : "no")")
@@ -258,7 +245,7 @@ struct RunawayCommand: ParsableCommand {
         for mode in modes {
             let plan = PartitionPlan(name: "runaway", realtimeCPUs: [rtCPU], housekeepingCPUs: housekeepingCPUs, budget: budget, budgetMode: mode)
             try plan.validate(onlineCPUs: online, nodeCount: NUMATopology.current().nodeCount,
-                              availableRTFraction: availableRTFraction(hierarchy: hierarchy, backend: backend, mode: mode))
+                              availableRTFraction: PartitionPlan.availableRTFraction(hierarchy: hierarchy, backend: backend, mode: mode))
             // The VM is gone when `measure` returns; then the partition goes.
             let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend, logger: quietLogger())
             let run: RunawayRun

@@ -127,6 +127,9 @@ final class RealtimePolicyTests: XCTestCase {
         XCTAssertEqual(try ThreadScheduling.schedulingClass(of: tids[2]), .roundRobin(priority: 20))
         runner.stopAndWait()
         XCTAssertEqual(scheduler.status(vcpu: 0), .restored)
+        XCTAssertEqual(scheduler.appliedPolicy(vcpu: 0)?.schedulingClass, .fifo(priority: 30), "kept after the restore")
+        XCTAssertEqual(scheduler.appliedPolicy(vcpu: 0)?.threadID, tids[0])
+        XCTAssertNil(scheduler.appliedPolicy(vcpu: 1))
         XCTAssertEqual(scheduler.status(vcpu: 2), .restored)
         XCTAssertEqual(scheduler.status(vcpu: 1), .untouched)
     }

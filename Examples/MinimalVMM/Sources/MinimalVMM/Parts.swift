@@ -76,24 +76,11 @@ func makePartition(realtimeCPU: Int, allowed: CPUSet, budget: RTBudget) throws(M
                              housekeepingCPUs: CPUSet(allowed.cpus.filter { $0 != realtimeCPU }), budget: budget)
     do {
         let backend = try LibcgroupBackend(hierarchy: hierarchy)
-        try plan.validate(onlineCPUs: allowed, nodeCount: NUMATopology.current().nodeCount,
-                          availableRTFraction: freeRealtimeShare(backend: backend))
+        try plan.validate(hierarchy: hierarchy, backend: backend) // CPUs, NUMA node, the RT share still free
         return try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend)
     } catch {
         throw .noPartition("\(error)") // a CgroupError or a PartitionPlanError
     }
-}
-
-/// The share of a CPU a new partition may still take: the kernel's global RT limit
-/// (`sched_rt_runtime_us / sched_rt_period_us`) minus what the partitions under `rtvirt/` hold.
-/// (The same computation as the `rtvirt` tool's; CgroupScheduler has no public one.)
-func freeRealtimeShare(backend: any CgroupBackend) -> Double {
-    let files = HostFiles()
-    let runtime = Double(files.readInteger("/proc/sys/kernel/sched_rt_runtime_us") ?? 950_000)
-    let period = Double(files.readInteger("/proc/sys/kernel/sched_rt_period_us") ?? 1_000_000)
-    guard runtime >= 0 else { return 1 } // -1: RT throttling is off
-    let held = Double(backend.value(name: "cpu.rt_runtime_us", group: projectSubtree, controller: "cpu") ?? "0") ?? 0
-    return max(0, runtime / period - held / 1_000_000) // rtvirt/'s RT period is the default 1 s
 }
 
 /// Prints what happened and returns the checks that failed.

@@ -71,10 +71,9 @@ func runGuest(realtimeCPU: Int, partition: CgroupPartition?) throws -> GuestRun 
     let tsc = try vcpu.tscMapping()
 
     // 3. VMRPC. The dispatcher parks the vCPU's thread in the host during a long poll (`ppoll`
-    //    until the deadline). No DeadlineTimerStrategy: in this RTVirt revision its bookkeeping
-    //    after each timed wake-up costs 30-50 µs and makes every wake-up that much later (README,
-    //    "Known problems"). timer.sleepUntil still releases the vCPU early by the return latency
-    //    it learns, and the guest spins the rest.
+    //    until the deadline). timer.sleepUntil releases the vCPU early by the return latency it
+    //    learns, and the guest spins to its own deadline. (A `DeadlineTimerStrategy` would also
+    //    wake the host thread early and spin; over this short run it did not help: see README.)
     let dispatcher = try LongPollDispatcher(vcpuCount: 1)
     let server = try VMRPCServer(
         memory: vm.guestMemory, slots: VMRPCSlotTable([0: GuestLayout.vmrpcSlot]), dispatcher: dispatcher,

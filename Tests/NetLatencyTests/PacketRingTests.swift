@@ -1,0 +1,164 @@
+import PacketRing
+import RTVirtCore
+import VMRPC
+import VMRPCSockets
+import XCTest
+
+/// The host side of the datagram rings over plain guest memory, with a guest played by the test:
+/// delivery and publication, the transmit ring, and guest-written values that must not hurt the host.
+final class PacketRingTests: XCTestCase {
+    let base = GuestAddress(0x10000)
+    let source = SocketEndpoint(IPAddress("198.18.20.1")!, port: 40000)
+
+    func makeRing(entries: UInt32 = 4) throws -> (GuestMemoryMap, PacketRing) {
+        let memory = GuestMemoryMap()
+        try memory.addRegion(at: GuestAddress(0), size: 0x40000)
+        let ring = try PacketRing(memory: memory, layout: PacketRingLayout(base: base, entries: entries, slotSize: 2048))
+        try ring.reset()
+        return (memory, ring)
+    }
+
+    /// Delivers `bytes` from `source` as the next datagram.
+    func deliver(_ ring: PacketRing, _ bytes: [UInt8], truncated: Bool = false) -> PacketRing.Delivery {
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
+        defer { scratch.deallocate() }
+        return ring.deliver(scratch: scratch) { buffer in
+            let count = min(bytes.count, buffer.count)
+            buffer.copyBytes(from: bytes.prefix(count))
+            return (count, truncated, source)
+        }
+    }
+
+    func testLayoutValidation() {
+        XCTAssertNoThrow(try PacketRingLayout(base: base).validate())
+        XCTAssertThrowsError(try PacketRingLayout(base: base, entries: 3).validate(), "not a power of two")
+        XCTAssertThrowsError(try PacketRingLayout(base: base, entries: 8192).validate(), "too many entries")
+        XCTAssertThrowsError(try PacketRingLayout(base: base, slotSize: 40).validate(), "slot smaller than a header and a payload")
+        XCTAssertThrowsError(try PacketRingLayout(base: GuestAddress(0x10002)).validate(), "misaligned indices")
+        let memory = GuestMemoryMap()
+        XCTAssertThrowsError(try PacketRing(memory: memory, layout: PacketRingLayout(base: base)), "no guest memory there")
+    }
+
+    func testDeliveredDatagramsBecomeTheGuestsOnlyWhenPublished() throws {
+        let (memory, ring) = try makeRing()
+        XCTAssertEqual(deliver(ring, [1, 2, 3]), .delivered(length: 3, truncated: false))
+        XCTAssertEqual(deliver(ring, [4, 5]), .delivered(length: 2, truncated: false))
+        XCTAssertEqual(try memory.read(UInt32.self, at: ring.layout.receiveProduced), 0, "not yet published")
+        XCTAssertTrue(ring.publish(), "two new records")
+        XCTAssertFalse(ring.publish(), "nothing new")
+        XCTAssertEqual(try memory.read(UInt32.self, at: ring.layout.receiveProduced), 2)
+        // Record 0: length 3, flags 0, the source address, the payload.
+        let slot = ring.layout.receiveSlot(0)
+        XCTAssertEqual(try memory.read(UInt32.self, at: slot), 3)
+        XCTAssertEqual(try memory.read(UInt32.self, at: GuestAddress(slot.rawValue + 4)), 0)
+        XCTAssertEqual(try memory.readBytes(count: 24, at: GuestAddress(slot.rawValue + 8)), source.encoded)
+        XCTAssertEqual(try memory.readBytes(count: 3, at: GuestAddress(slot.rawValue + 32)), [1, 2, 3])
+        XCTAssertEqual(try memory.readBytes(count: 2, at: GuestAddress(ring.layout.receiveSlot(1).rawValue + 32)), [4, 5])
+        XCTAssertEqual(ring.statistics.delivered, 2)
+    }
+
+    func testAFullRingDropsAndCountsUntilTheGuestConsumes() throws {
+        let (memory, ring) = try makeRing(entries: 4)
+        for value in 0..<4 { XCTAssertEqual(deliver(ring, [UInt8(value)]), .delivered(length: 1, truncated: false)) }
+        XCTAssertEqual(deliver(ring, [9]), .droppedRingFull, "written but unpublished slots count as taken")
+        ring.publish()
+        XCTAssertEqual(deliver(ring, [9]), .droppedRingFull)
+        XCTAssertEqual(ring.freeReceiveSlots(), 0)
+        try memory.write(UInt32(3), at: ring.layout.receiveConsumed) // the guest took three
+        XCTAssertEqual(ring.freeReceiveSlots(), 3)
+        XCTAssertEqual(deliver(ring, [7]), .delivered(length: 1, truncated: false))
+        XCTAssertEqual(try memory.read(UInt8.self, at: GuestAddress(ring.layout.receiveSlot(4).rawValue + 32)), 7, "slot 4 is slot 0 again")
+        XCTAssertEqual(ring.statistics.droppedRingFull, 2)
+    }
+
+    func testAnImpossibleConsumedIndexStopsDeliveryWithoutWritingAnything() throws {
+        let (memory, ring) = try makeRing(entries: 4)
+        try memory.write(UInt32(100), at: ring.layout.receiveConsumed) // ahead of what the host produced
+        let before = try memory.readBytes(count: 4 * 2048, at: ring.layout.receiveSlots)
+        XCTAssertEqual(deliver(ring, [1]), .droppedRingFull)
+        XCTAssertEqual(try memory.readBytes(count: 4 * 2048, at: ring.layout.receiveSlots), before)
+        XCTAssertGreaterThan(ring.statistics.invalidIndices, 0)
+    }
+
+    func testTruncatedDatagramsAreFlagged() throws {
+        let (memory, ring) = try makeRing()
+        XCTAssertEqual(deliver(ring, [UInt8](repeating: 1, count: 3000), truncated: true),
+                       .delivered(length: ring.layout.maximumPayload, truncated: true))
+        XCTAssertEqual(try memory.read(UInt32.self, at: GuestAddress(ring.layout.receiveSlot(0).rawValue + 4)), PacketRingLayout.truncatedFlag)
+        XCTAssertEqual(ring.statistics.truncated, 1)
+    }
+
+    /// Writes transmit descriptor `index` pointing at `record` and publishes `produced`.
+    func guestTransmit(_ memory: GuestMemoryMap, _ ring: PacketRing, descriptors: [UInt64], from start: UInt32 = 0) throws {
+        for (offset, address) in descriptors.enumerated() {
+            try memory.write(address, at: ring.layout.transmitDescriptor(start + UInt32(offset)))
+        }
+        try memory.write(start + UInt32(descriptors.count), at: ring.layout.transmitProduced)
+    }
+
+    func testTransmitsTakeEachValidRecordOnceAndPublishConsumed() throws {
+        let (memory, ring) = try makeRing()
+        _ = deliver(ring, [10, 11, 12])
+        _ = deliver(ring, [20])
+        ring.publish()
+        // The guest echoes both records in place.
+        try guestTransmit(memory, ring, descriptors: [ring.layout.receiveSlot(0).rawValue, ring.layout.receiveSlot(1).rawValue])
+        var sent: [(SocketEndpoint, [UInt8])] = []
+        XCTAssertEqual(ring.takeTransmits { transmit in
+            sent.append((transmit.destination, (try? memory.readBytes(count: transmit.length, at: transmit.payload)) ?? []))
+            return .sent
+        }, 2)
+        XCTAssertEqual(sent.map(\.0), [source, source])
+        XCTAssertEqual(sent.map(\.1), [[10, 11, 12], [20]])
+        XCTAssertEqual(try memory.read(UInt32.self, at: ring.layout.transmitConsumed), 2)
+        XCTAssertEqual(ring.takeTransmits { _ in XCTFail("nothing new"); return .sent }, 0)
+        XCTAssertEqual(ring.statistics.transmitted, 2)
+    }
+
+    func testHostileDescriptorsSendNothing() throws {
+        let (memory, ring) = try makeRing(entries: 8)
+        let good = ring.layout.receiveSlot(0)
+        _ = deliver(ring, [1, 2, 3])
+        ring.publish()
+        // A record with a length past the slot, one with a bad family, one with reserved flags.
+        let long = ring.layout.receiveSlot(1), family = ring.layout.receiveSlot(2), flags = ring.layout.receiveSlot(3)
+        try memory.write(bytes: try memory.readBytes(count: 64, at: good), at: long)
+        try memory.write(UInt32(5000), at: long)
+        try memory.write(bytes: try memory.readBytes(count: 64, at: good), at: family)
+        try memory.write(UInt16(9), at: GuestAddress(family.rawValue + 8))
+        try memory.write(bytes: try memory.readBytes(count: 64, at: good), at: flags)
+        try memory.write(UInt32(0x80), at: GuestAddress(flags.rawValue + 4))
+        let descriptors: [UInt64] = [
+            0x3_FFF0, // the header runs past guest memory
+            UInt64.max - 8, // wraps around
+            long.rawValue, family.rawValue, flags.rawValue,
+            good.rawValue, // the one valid record
+        ]
+        try guestTransmit(memory, ring, descriptors: descriptors)
+        var sent = 0
+        XCTAssertEqual(ring.takeTransmits { _ in sent += 1; return .sent }, descriptors.count)
+        XCTAssertEqual(sent, 1)
+        XCTAssertEqual(ring.statistics.invalidDescriptors, 5)
+    }
+
+    func testAnImpossibleProducedIndexIsSkippedWithBoundedWork() throws {
+        let (memory, ring) = try makeRing(entries: 4)
+        try memory.write(UInt32(1_000_000), at: ring.layout.transmitProduced)
+        XCTAssertEqual(ring.takeTransmits { _ in XCTFail("nothing is sent"); return .sent }, 0)
+        XCTAssertEqual(ring.statistics.invalidIndices, 1)
+        XCTAssertEqual(try memory.read(UInt32.self, at: ring.layout.transmitConsumed), 1_000_000, "the host resynchronizes")
+    }
+
+    func testDeniedAndFailedSendsAreCounted() throws {
+        let (memory, ring) = try makeRing()
+        _ = deliver(ring, [1])
+        _ = deliver(ring, [2])
+        ring.publish()
+        try guestTransmit(memory, ring, descriptors: [ring.layout.receiveSlot(0).rawValue, ring.layout.receiveSlot(1).rawValue])
+        var outcomes: [PacketRing.TransmitOutcome] = [.denied, .failed]
+        ring.takeTransmits { _ in outcomes.removeFirst() }
+        XCTAssertEqual(ring.statistics.transmitDenied, 1)
+        XCTAssertEqual(ring.statistics.transmitFailed, 1)
+        XCTAssertEqual(ring.statistics.transmitted, 0)
+    }
+}

@@ -17,7 +17,7 @@ public struct BundledGuestVCPU: Sendable {
     public init(mode: BundledGuestMode, arguments: (UInt64, UInt64) = (0, 0), privilege: X86StartPrivilege? = nil) {
         self.mode = mode
         self.arguments = arguments
-        self.privilege = privilege ?? ([.halt, .cyclicInterrupt, .interruptibleSleep].contains(mode) ? .kernel : .userWithIOPrivilege)
+        self.privilege = privilege ?? ([.halt, .cyclicInterrupt, .interruptibleSleep, .ringEcho].contains(mode) ? .kernel : .userWithIOPrivilege)
     }
 }
 

@@ -91,7 +91,7 @@ let package = Package(
         // raises an interrupt, drained through a doorbell: the conventional (virtio-net-shaped) path.
         .target(name: "PacketRing", dependencies: ["RTVirtCore", "VMRPC", "VMRPCSockets"]),
         // Probe-free network latency: a UDP tester with kernel timestamps in a namespace of its own.
-        .target(name: "NetLatency", dependencies: ["RTVirtCore", "VMRPCSockets", "CNetLatencySupport", "CSocketsSupport"]),
+        .target(name: "NetLatency", dependencies: ["RTVirtCore", "LongPoll", "VMRPCSockets", "CNetLatencySupport", "CSocketsSupport"]),
 
         // MARK: Fuzzing of the VMRPC server (Docs/Fuzzing.md)
         .target(name: "VMRPCFuzzHarness", dependencies: ["VMRPC", "RTVirtTesting", "RTVirtCore", "LongPoll", "VMRPCSockets"]),
@@ -119,6 +119,7 @@ let package = Package(
                 "RTVirtGuestImage", "VMRPCSockets", "PacketRing", "NetLatency", "CLinuxSupport", "CZlib",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
 

@@ -36,10 +36,11 @@ public final class HostUDPEcho: Sendable {
     /// - Parameters:
     ///   - drop: called with each datagram's number (0, 1, ...); true discards it unanswered (a
     ///     service that loses requests, for tests of the instrument's loss accounting).
+    ///   - timeline: marked when each receive returns and before each send (a diagnosis).
     /// - Throws: `NetLatencyError.socket` or `.thread`.
     public init(backend: HostSocketBackend, at endpoint: SocketEndpoint, name: String = "host-echo",
                 onThreadStart: (@Sendable () -> Void)? = nil,
-                drop: (@Sendable (UInt64) -> Bool)? = nil) throws(NetLatencyError) {
+                drop: (@Sendable (UInt64) -> Bool)? = nil, timeline: ServiceTimeline? = nil) throws(NetLatencyError) {
         guard let family = endpoint.address?.family else { throw .invalidPlan("the echo's address has no family") }
         let descriptor: Int32
         do { descriptor = try backend.open(family, .datagram) } catch { throw .socket(operation: "socket", errno: error.rawValue) }
@@ -66,11 +67,13 @@ public final class HostUDPEcho: Sendable {
                     // Sound: recvfrom writes at most `count` bytes into the array's storage, during the call.
                     let received = buffer.withUnsafeMutableBytes { rtv_udp_receive_blocking(descriptor, $0.baseAddress, $0.count, &source) }
                     guard received >= 0, source.family != 0 else { continue } // timeout, EINTR, or the stop's shutdown
+                    timeline?.markReceive()
                     defer { number &+= 1 }
                     if let drop, drop(number) {
                         counters.withLock { $0.received += 1; $0.dropped += 1 }
                         continue
                     }
+                    timeline?.markSend()
                     // Sound: sendto reads `received` bytes of the array, during the call.
                     let sent = buffer.withUnsafeBytes { rtv_udp_send_blocking(descriptor, $0.baseAddress, received, &source) }
                     counters.withLock {

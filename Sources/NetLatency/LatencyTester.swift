@@ -92,6 +92,9 @@ public struct LatencyProbeResult: Equatable, Sendable {
     /// Round-trip times from the kernel's timestamps (reply arrived − request left), nanoseconds,
     /// one per answered request that had both timestamps, in request order.
     public var roundTripNanoseconds: [Int64] = []
+    /// The transmit timestamp of each of those requests (same order; `CLOCK_REALTIME` nanoseconds
+    /// for software timestamps), to line the round trips up with traces of the service.
+    public var transmitTimestamps: [Int64] = []
     /// Requests sent.
     public var sent = 0
     /// Requests not sent because the send failed (counted, not lost).
@@ -269,6 +272,7 @@ public final class KernelTimestampingTester: NetLatencyTester {
         for index in 0..<plan.requests where answered[index] {
             if transmitHardware[index] != 0, receiveHardware[index] != 0 {
                 result.roundTripNanoseconds.append(receiveHardware[index] - transmitHardware[index])
+                result.transmitTimestamps.append(transmitHardware[index])
                 result.hardwareSamples += 1
                 continue
             }
@@ -283,6 +287,7 @@ public final class KernelTimestampingTester: NetLatencyTester {
             }
             if transmitSent[index] == 0 { result.scheduledTransmitSamples += 1 }
             result.roundTripNanoseconds.append(receiveSoftware[index] - transmit)
+            result.transmitTimestamps.append(transmit)
             result.softwareSamples += 1
         }
         return result

@@ -25,6 +25,30 @@ struct ThreadCostSample: Sendable {
                                 involuntarySwitches: usage.ru_nivcsw, stealNanoseconds: steal * 1_000_000_000 / ticksPerSecond)
     }
 
+    /// Samples the threads `threads` of this process from outside (their CPU times and
+    /// involuntary switches added up); `cpu` is the CPU whose steal time is read. A thread that
+    /// has ended contributes nothing.
+    static func of(threads: [pid_t], stealOfCPU cpu: Int, files: HostFiles = HostFiles()) -> ThreadCostSample {
+        var cpuTime: UInt64 = 0
+        var switches = 0
+        for thread in threads where thread > 0 {
+            cpuTime += files.read("/proc/self/task/\(thread)/schedstat").flatMap(parseSchedstatRuntime) ?? 0
+            switches += files.read("/proc/self/task/\(thread)/status").flatMap(parseInvoluntarySwitches) ?? 0
+        }
+        let steal = files.read("/proc/stat").flatMap { parseStealTicks($0, cpu: cpu) } ?? 0
+        let ticksPerSecond = UInt64(max(1, sysconf(Int32(_SC_CLK_TCK))))
+        return ThreadCostSample(wallNanoseconds: monotonicNanoseconds(), cpuNanoseconds: cpuTime,
+                                involuntarySwitches: switches, stealNanoseconds: steal * 1_000_000_000 / ticksPerSecond)
+    }
+
+    /// `nonvoluntary_ctxt_switches` of a `/proc/.../status` file.
+    static func parseInvoluntarySwitches(_ text: String) -> Int? {
+        for line in text.split(separator: "\n") where line.hasPrefix("nonvoluntary_ctxt_switches:") {
+            return Int(line.dropFirst("nonvoluntary_ctxt_switches:".count).trimmingCharacters(in: .whitespaces))
+        }
+        return nil
+    }
+
     /// The first field of a `schedstat` file: nanoseconds spent on a CPU.
     static func parseSchedstatRuntime(_ text: String) -> UInt64? {
         text.split(separator: " ").first.flatMap { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }

@@ -162,3 +162,84 @@ final class PacketRingTests: XCTestCase {
         XCTAssertEqual(ring.statistics.transmitted, 0)
     }
 }
+
+/// A guest that writes random values into everything it owns (indices, descriptors, the records
+/// descriptors point at) between host operations, replayed from a fixed seed: the host must
+/// never write outside the receive slots and its two indices, and every transmit it hands out
+/// must lie in guest memory with a payload no longer than a slot's.
+final class PacketRingHostileGuestTests: XCTestCase {
+    struct Generator {
+        var state: UInt64
+        mutating func next() -> UInt64 {
+            state &+= 0x9E37_79B9_7F4A_7C15
+            var z = state
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            return z ^ (z >> 31)
+        }
+        mutating func below(_ bound: UInt64) -> UInt64 { next() % bound }
+    }
+
+    func testRandomGuestWritesNeverMakeTheHostWriteOutsideItsPartsOrSendOutOfRange() throws {
+        let size: UInt64 = 0x14000
+        let memory = GuestMemoryMap()
+        try memory.addRegion(at: GuestAddress(0), size: size)
+        let layout = PacketRingLayout(base: GuestAddress(0x10000), entries: 8, slotSize: 256)
+        let ring = try PacketRing(memory: memory, layout: layout)
+        try ring.reset()
+        var shadow = try memory.readBytes(count: Int(size), at: GuestAddress(0))
+        // What the host may write: the receive slots and its two indices.
+        let slots = Int(layout.receiveSlots.rawValue)..<Int(layout.receiveSlots.rawValue) + 8 * 256
+        let hostIndices = [Int(layout.receiveProduced.rawValue), Int(layout.transmitConsumed.rawValue)].map { $0..<$0 + 4 }
+        func hostMayWrite(_ offset: Int) -> Bool { slots.contains(offset) || hostIndices.contains { $0.contains(offset) } }
+        func guestWrite(_ bytes: [UInt8], at offset: Int) throws {
+            try memory.write(bytes: bytes, at: GuestAddress(UInt64(offset)))
+            shadow.replaceSubrange(offset..<offset + bytes.count, with: bytes)
+        }
+        var random = Generator(state: 0x5EED)
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
+        defer { scratch.deallocate() }
+        var transmits = 0
+        for _ in 0..<5_000 {
+            switch random.below(6) {
+            case 0: // an index of the guest's: a step forward mostly, any value sometimes
+                let target = random.below(2) == 0 ? layout.receiveConsumed : layout.transmitProduced
+                let current = try memory.read(UInt32.self, at: target)
+                let value = random.below(8) == 0 ? UInt32(truncatingIfNeeded: random.next()) : current &+ UInt32(random.below(4))
+                try guestWrite(withUnsafeBytes(of: value.littleEndian, Array.init), at: Int(target.rawValue))
+            case 1: // a descriptor: a slot, anywhere, or past the end
+                let choices: [UInt64] = [layout.receiveSlot(UInt32(random.below(8))).rawValue, random.below(size), size - 8, UInt64.max - random.below(64)]
+                let value = choices[Int(random.below(4))]
+                try guestWrite(withUnsafeBytes(of: value.littleEndian, Array.init), at: Int(layout.transmitDescriptor(UInt32(random.below(8))).rawValue))
+            case 2: // scribble on a record header (the guest owns the slots it has not given back)
+                let slot = Int(layout.receiveSlot(UInt32(random.below(8))).rawValue) + Int(random.below(32))
+                try guestWrite([UInt8(truncatingIfNeeded: random.next())], at: slot)
+            case 3:
+                let length = Int(random.below(400))
+                _ = ring.deliver(scratch: scratch) { buffer in
+                    (min(length, buffer.count), length > buffer.count, SocketEndpoint(IPAddress("198.18.20.1")!, port: 9))
+                }
+            case 4:
+                ring.publish()
+            default:
+                ring.takeTransmits { transmit in
+                    transmits += 1
+                    XCTAssertLessThanOrEqual(transmit.length, layout.maximumPayload)
+                    XCTAssertLessThanOrEqual(transmit.payload.rawValue + UInt64(transmit.length), size)
+                    XCTAssertNotNil(transmit.destination.address)
+                    return .sent
+                }
+            }
+            // Re-read what the host may have written into the shadow; everything else must match.
+            let now = try memory.readBytes(count: Int(size), at: GuestAddress(0))
+            for range in [slots] + hostIndices { shadow.replaceSubrange(range, with: now[range]) }
+            if now != shadow {
+                let offset = zip(now, shadow).enumerated().first { $0.element.0 != $0.element.1 }!.offset
+                XCTFail("the host wrote at \(offset), outside its parts (host may: \(hostMayWrite(offset)))")
+                return
+            }
+        }
+        XCTAssertGreaterThan(transmits, 0, "some descriptors were valid")
+        XCTAssertGreaterThan(ring.statistics.invalidDescriptors + ring.statistics.invalidIndices, 0, "and many were not")
+    }
+}

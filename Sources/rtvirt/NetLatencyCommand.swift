@@ -38,6 +38,9 @@ struct NetPathResult: Codable, Equatable, Sendable {
     var sendFailures: Int
     /// The real-time CPU's steal time over wall time while this path ran.
     var stealFraction: Double
+    /// The tester's CPU's steal time over wall time while this path ran (a request taken off
+    /// the CPU between its timestamp and its delivery waits that long).
+    var testerStealFraction: Double
     /// Involuntary context switches of the service threads.
     var involuntaryContextSwitches: Int
     var rounds: Int
@@ -59,6 +62,10 @@ struct NetBreakdown: Codable, Equatable, Sendable {
     /// The service's send → the tester's receive timestamp.
     var fromServiceP50Us: Double
     var fromServiceP99Us: Double
+    /// The largest of each part (where the extreme round trips lost their time).
+    var toServiceMaxUs: Double
+    var inServiceMaxUs: Double
+    var fromServiceMaxUs: Double
 }
 
 /// The calibration: the tester's own echo over loopback in its namespace.
@@ -102,6 +109,7 @@ struct NetLatencyReport: Codable {
 
 /// Counters of one path over all rounds, besides its histogram.
 struct NetPathCounters {
+    var testerSteal = ThreadCost()
     var sent = 0, lost = 0, reordered = 0, duplicates = 0, stale = 0, missingTimestamps = 0, sendFailures = 0, foreign = 0
     var scheduledTransmitSamples = 0
 
@@ -317,6 +325,7 @@ struct NetLatencyCommand: ParsableCommand {
                                             seed: UInt64(round) << 8 | UInt64(index))
                 tag = tag % 4095 + 1
                 let before = ThreadCostSample.of(threads: threads, stealOfCPU: rtCPU)
+                let testerBefore = ThreadCostSample.of(threads: [], stealOfCPU: testerCPU)
                 let result: LatencyProbeResult
                 do {
                     result = try runOnTesterThread(policy: testerPolicy) { try tester.probe(plan, isCancelled: { cancel.isSet }) }
@@ -325,6 +334,7 @@ struct NetLatencyCommand: ParsableCommand {
                     throw error
                 }
                 let after = ThreadCostSample.of(threads: threads, stealOfCPU: rtCPU)
+                counters[index].testerSteal += ThreadCost(from: testerBefore, to: ThreadCostSample.of(threads: [], stealOfCPU: testerCPU))
                 try runner.stop()
                 if let split = runner.timeline?.split(result) { splits[index] += split }
                 for rtt in result.roundTripNanoseconds { statistics[index].record(nanoseconds: rtt) }
@@ -424,7 +434,9 @@ struct NetLatencyCommand: ParsableCommand {
             let to = splits.map(\.toService), inside = splits.map(\.inService), from = splits.map(\.fromService)
             breakdown = NetBreakdown(samples: splits.count, toServiceP50Us: percentile(to, 0.5), toServiceP99Us: percentile(to, 0.99),
                                      inServiceP50Us: percentile(inside, 0.5), inServiceP99Us: percentile(inside, 0.99),
-                                     fromServiceP50Us: percentile(from, 0.5), fromServiceP99Us: percentile(from, 0.99))
+                                     fromServiceP50Us: percentile(from, 0.5), fromServiceP99Us: percentile(from, 0.99),
+                                     toServiceMaxUs: Double(to.max() ?? 0) / 1000, inServiceMaxUs: Double(inside.max() ?? 0) / 1000,
+                                     fromServiceMaxUs: Double(from.max() ?? 0) / 1000)
         }
         return NetPathResult(
             name: statistics.path.rawValue, samples: count, lost: counters.lost,
@@ -433,7 +445,8 @@ struct NetLatencyCommand: ParsableCommand {
             maxUs: count == 0 ? 0 : Double(statistics.maximumNanoseconds) / 1000, cpuFraction: statistics.cost.cpuFraction,
             sent: counters.sent, reordered: counters.reordered, duplicates: counters.duplicates, stale: counters.stale,
             missingTimestamps: counters.missingTimestamps, sendFailures: counters.sendFailures,
-            stealFraction: statistics.cost.stealFraction, involuntaryContextSwitches: statistics.cost.involuntarySwitches,
+            stealFraction: statistics.cost.stealFraction, testerStealFraction: counters.testerSteal.stealFraction,
+            involuntaryContextSwitches: statistics.cost.involuntarySwitches,
             rounds: statistics.rounds.count, breakdown: breakdown)
     }
 
@@ -444,18 +457,20 @@ struct NetLatencyCommand: ParsableCommand {
     static func table(_ results: [NetPathResult], ratios: [CyclicRatio], counters: [NetPathCounters], paths: [NetPath], cpu: Int) -> String {
         let cell = CyclicTestCommand.cell
         var lines: [String] = [""]
-        lines.append("path               sent  samples   lost     min     p50     p99   p99.9      max (µs)   cpu  steal  inv.cs")
+        lines.append("path               sent  samples   lost     min     p50     p99   p99.9      max (µs)   cpu  steal  t.steal  inv.cs")
         for result in results {
             var line = result.name.padding(toLength: 16, withPad: " ", startingAt: 0)
             line += cell("\(result.sent)", 7) + cell("\(result.samples)", 9) + cell("\(result.lost)", 7)
             for value in [result.minUs, result.p50Us, result.p99Us, result.p999Us] { line += cell(String(format: "%.1f", value), 8) }
             line += cell(String(format: "%.1f", result.maxUs), 9) + "    " + cell(String(format: "%.2f", result.cpuFraction), 6)
-            line += cell(String(format: "%.3f", result.stealFraction), 7) + cell("\(result.involuntaryContextSwitches)", 8)
+            line += cell(String(format: "%.3f", result.stealFraction), 7) + cell(String(format: "%.3f", result.testerStealFraction), 9)
+            line += cell("\(result.involuntaryContextSwitches)", 8)
             lines.append(line)
         }
         lines.append("(round-trip times from the kernel's timestamps of each request leaving and each reply arriving at the tester;")
         lines.append(" cpu: the service threads' CPU time over the rounds' wall time — host-echo its thread, guest-longpoll and")
-        lines.append(" guest-busypoll the vCPU thread, guest-interrupt the vCPU and I/O threads; steal: CPU \(cpu)'s steal time)")
+        lines.append(" guest-busypoll the vCPU thread, guest-interrupt the vCPU and I/O threads; steal, t.steal: the steal time of")
+        lines.append(" CPU \(cpu) and of the tester's CPU over wall time — time the hypervisor below took the CPU away)")
         for (result, counter) in zip(results, counters) {
             var notes: [String] = []
             if counter.reordered > 0 { notes.append("\(counter.reordered) reordered") }
@@ -474,16 +489,20 @@ struct NetLatencyCommand: ParsableCommand {
         }
         if results.contains(where: { $0.breakdown != nil }) {
             lines.append("")
-            lines.append("Breakdown at the service's receive and send (p50 / p99 µs):  tester → service  |  in the service  |  service → tester")
+            lines.append("Breakdown at the service's receive and send (p50 / p99 / max µs):")
+            lines.append("                  tester → service           in the service             service → tester")
             for result in results {
                 guard let split = result.breakdown else {
                     lines.append("  \(result.name): the service's marks did not line up with the requests (loss or stale datagrams)")
                     continue
                 }
+                func part(_ p50: Double, _ p99: Double, _ maximum: Double) -> String {
+                    String(format: "%6.1f / %6.1f / %-8.1f ", p50, p99, maximum)
+                }
                 lines.append("  " + result.name.padding(toLength: 16, withPad: " ", startingAt: 0)
-                             + String(format: "%8.1f / %-8.1f       %8.1f / %-8.1f      %8.1f / %-8.1f  (%d requests)",
-                                      split.toServiceP50Us, split.toServiceP99Us, split.inServiceP50Us, split.inServiceP99Us,
-                                      split.fromServiceP50Us, split.fromServiceP99Us, split.samples))
+                             + part(split.toServiceP50Us, split.toServiceP99Us, split.toServiceMaxUs)
+                             + part(split.inServiceP50Us, split.inServiceP99Us, split.inServiceMaxUs)
+                             + part(split.fromServiceP50Us, split.fromServiceP99Us, split.fromServiceMaxUs) + "(\(split.samples) requests)")
             }
         }
         if let rounds = ratios.first?.rounds {
@@ -500,11 +519,16 @@ struct NetLatencyCommand: ParsableCommand {
         let byName = Dictionary(uniqueKeysWithValues: results.map { ($0.name, $0) })
         if let longPoll = byName[NetPath.guestLongPoll.rawValue] {
             var targets: [String] = []
+            func perRound(_ name: String) -> String {
+                ratios.first { $0.name == name }.map { String(format: "  (per-round median %.2f [%.2f – %.2f])", $0.median, $0.min, $0.max) } ?? ""
+            }
             if let host = byName[NetPath.hostEcho.rawValue] {
-                targets.append(CyclicTestCommand.target("guest-longpoll p99 ≤ 1.3 × host-echo p99", longPoll.p99Us, 1.3 * host.p99Us))
+                targets.append(CyclicTestCommand.target("guest-longpoll p99 ≤ 1.3 × host-echo p99", longPoll.p99Us, 1.3 * host.p99Us)
+                               + perRound("guest-longpoll p99 / host-echo p99"))
             }
             if let interrupt = byName[NetPath.guestInterrupt.rawValue] {
-                targets.append(CyclicTestCommand.target("guest-longpoll p99 ≤ 0.6 × guest-interrupt p99", longPoll.p99Us, 0.6 * interrupt.p99Us))
+                targets.append(CyclicTestCommand.target("guest-longpoll p99 ≤ 0.6 × guest-interrupt p99", longPoll.p99Us, 0.6 * interrupt.p99Us)
+                               + perRound("guest-longpoll p99 / guest-interrupt p99"))
             }
             let busy = byName[NetPath.guestBusyPoll.rawValue].map { String(format: " (guest-busypoll: %.2f)", $0.cpuFraction) } ?? ""
             targets.append("  " + "guest-longpoll cpuFraction ≤ 0.2".padding(toLength: 50, withPad: " ", startingAt: 0)

@@ -68,6 +68,7 @@ public enum LatencyProbeWire {
     /// Writes request `sequence` of round `tag` into `buffer` (its whole length).
     public static func write(tag: UInt32, sequence: UInt64, into buffer: UnsafeMutableRawBufferPointer) {
         precondition(buffer.count >= headerSize, "payload shorter than the probe header")
+        // Sound: the three stores end at byte 16, inside the buffer (checked above); unaligned raw stores are allowed.
         buffer.storeBytes(of: magic.littleEndian, toByteOffset: 0, as: UInt32.self)
         buffer.storeBytes(of: tag.littleEndian, toByteOffset: 4, as: UInt32.self)
         buffer.storeBytes(of: sequence.littleEndian, toByteOffset: 8, as: UInt64.self)
@@ -76,6 +77,7 @@ public enum LatencyProbeWire {
 
     /// The tag and sequence of a reply, nil when it is not a probe.
     public static func read(_ buffer: UnsafeRawBufferPointer) -> (tag: UInt32, sequence: UInt64)? {
+        // Sound: every load ends at byte 16 or before, and the guard checks the buffer has 16 bytes.
         guard buffer.count >= headerSize,
               UInt32(littleEndian: buffer.loadUnaligned(fromByteOffset: 0, as: UInt32.self)) == magic else { return nil }
         return (UInt32(littleEndian: buffer.loadUnaligned(fromByteOffset: 4, as: UInt32.self)),
@@ -113,14 +115,17 @@ public struct LatencyProbeResult: Equatable, Sendable {
     public var foreign = 0
     /// Answered requests without a transmit timestamp, or without a receive timestamp (no RTT).
     public var missingTransmitTimestamps = 0
+    /// Answered requests without a receive timestamp (no RTT).
     public var missingReceiveTimestamps = 0
     /// Round-trip times measured with the NIC's clock, and with the kernel's software clock.
     public var hardwareSamples = 0
+    /// Round-trip times measured with the kernel's software clock.
     public var softwareSamples = 0
     /// Round-trip times whose transmit timestamp is the scheduler's (no driver timestamp came).
     public var scheduledTransmitSamples = 0
     /// Monotonic time of the first and last send (for CPU fractions over the round).
     public var firstSendMonotonic: UInt64 = 0
+    /// Monotonic time of the last send.
     public var lastSendMonotonic: UInt64 = 0
     /// Whether the round was cut short by a cancellation.
     public var cancelled = false
@@ -156,7 +161,9 @@ public protocol NetLatencyTester: AnyObject, Sendable {
 public final class KernelTimestampingTester: NetLatencyTester {
     /// The socket.
     public let socket: TimestampingUDPSocket
+    /// Where the socket's timestamps come from.
     public var timestampSource: TimestampSource { socket.source }
+    /// The interface's capabilities and why the source is what it is.
     public var timestampReason: String { socket.sourceReason }
 
     /// A tester on `socket` (which it closes when it goes away).
@@ -164,6 +171,7 @@ public final class KernelTimestampingTester: NetLatencyTester {
 
     deinit { socket.close() }
 
+    /// Runs one round (see `NetLatencyTester.probe`).
     public func probe(_ plan: LatencyProbePlan, isCancelled: () -> Bool) throws(NetLatencyError) -> LatencyProbeResult {
         try plan.validate()
         let offsets = plan.sendOffsets()
@@ -178,6 +186,7 @@ public final class KernelTimestampingTester: NetLatencyTester {
         // The request of each transmit id (the socket's counter when the kernel takes no explicit ids).
         var requestOfID: [UInt32: Int] = [:]
         requestOfID.reserveCapacity(plan.requests)
+        // Sound: both buffers are allocated here, used only in this call, and freed by the defer.
         let request = UnsafeMutableRawBufferPointer.allocate(byteCount: plan.payloadSize, alignment: 16)
         let reply = UnsafeMutableRawBufferPointer.allocate(byteCount: max(plan.payloadSize, 2048) + 64, alignment: 16)
         defer { request.deallocate(); reply.deallocate() }
@@ -205,6 +214,7 @@ public final class KernelTimestampingTester: NetLatencyTester {
         func takeReplies() throws(NetLatencyError) {
             while let received = try socket.receive(into: reply) {
                 guard received.source == plan.target, received.length == plan.payloadSize, !received.truncated,
+                      // Sound: `received.length` is at most the buffer's size (the receive caps it).
                       let (tag, sequence) = LatencyProbeWire.read(UnsafeRawBufferPointer(rebasing: reply[0..<received.length])) else {
                     result.foreign += 1
                     continue

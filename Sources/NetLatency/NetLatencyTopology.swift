@@ -19,6 +19,7 @@ public final class NetLatencyTopology: Sendable {
     public let network: VMNetwork
     /// The tester's address and the services' address on the veth.
     public let testerAddress: IPAddress
+    /// The services' address (in the VM's namespace).
     public let serviceAddress: IPAddress
     private let removed = LockedValue(false)
 

@@ -42,6 +42,7 @@ public final class ServiceTimeline: Sendable {
 
     /// The marks so far.
     public var receives: [Int64] { marks.withLock { $0.receives } }
+    /// The send marks so far.
     public var sends: [Int64] { marks.withLock { $0.sends } }
 
     /// One request's round trip, split at the service's marks (nanoseconds).
@@ -81,26 +82,37 @@ public final class TimelineSocketBackend: SocketBackend {
     /// Wraps `inner`.
     public init(_ inner: any SocketBackend, timeline: ServiceTimeline) { self.inner = inner; self.timeline = timeline }
 
+    /// Passes through.
     public func open(_ family: SocketFamily, _ type: SocketType) throws(SocketErrno) -> Int32 { try inner.open(family, type) }
+    /// Passes through.
     public func close(_ descriptor: Int32) { inner.close(descriptor) }
+    /// Passes through.
     public func bind(_ descriptor: Int32, _ endpoint: SocketEndpoint) throws(SocketErrno) { try inner.bind(descriptor, endpoint) }
+    /// Passes through.
     public func connect(_ descriptor: Int32, _ endpoint: SocketEndpoint) throws(SocketErrno) { try inner.connect(descriptor, endpoint) }
+    /// Passes through.
     public func listen(_ descriptor: Int32, backlog: Int32) throws(SocketErrno) { try inner.listen(descriptor, backlog: backlog) }
+    /// Passes through.
     public func accept(_ descriptor: Int32) throws(SocketErrno) -> (descriptor: Int32, peer: SocketEndpoint) { try inner.accept(descriptor) }
+    /// Passes through.
     public func shutdown(_ descriptor: Int32, how: Int32) throws(SocketErrno) { try inner.shutdown(descriptor, how: how) }
+    /// Passes through.
     public func name(_ descriptor: Int32, peer: Bool) throws(SocketErrno) -> SocketEndpoint { try inner.name(descriptor, peer: peer) }
 
+    /// Marks a send, then sends.
     public func send(_ descriptor: Int32, _ bytes: UnsafeRawBufferPointer, to destination: SocketEndpoint?) throws(SocketErrno) -> Int {
         timeline.markSend()
         return try inner.send(descriptor, bytes, to: destination)
     }
 
+    /// Receives, then marks a receive if a datagram came.
     public func receive(_ descriptor: Int32, into buffer: UnsafeMutableRawBufferPointer) throws(SocketErrno) -> SocketReceivedDatagram {
         let received = try inner.receive(descriptor, into: buffer)
         timeline.markReceive()
         return received
     }
 
+    /// Receives a batch, then marks one receive per datagram.
     public func receiveBatch(_ descriptor: Int32, into buffer: UnsafeMutableRawBufferPointer, count: Int, stride: Int,
                              headerSize: Int, capacity: Int) throws(SocketErrno) -> [SocketReceivedDatagram] {
         let received = try inner.receiveBatch(descriptor, into: buffer, count: count, stride: stride, headerSize: headerSize, capacity: capacity)
@@ -109,6 +121,7 @@ public final class TimelineSocketBackend: SocketBackend {
         return received
     }
 
+    /// Sends a batch and marks one send per datagram sent.
     public func sendBatch(_ descriptor: Int32, from buffer: UnsafeRawBufferPointer, datagrams: [SocketBatchDatagram]) throws(SocketErrno) -> Int {
         let now = ServiceTimeline.now()
         let sent = try inner.sendBatch(descriptor, from: buffer, datagrams: datagrams)
@@ -116,10 +129,13 @@ public final class TimelineSocketBackend: SocketBackend {
         return sent
     }
 
+    /// Passes through.
     public func setOption(_ descriptor: Int32, _ option: SocketOption, _ value: Int32) throws(SocketErrno) {
         try inner.setOption(descriptor, option, value)
     }
 
+    /// Passes through.
     public func getOption(_ descriptor: Int32, _ option: SocketOption) throws(SocketErrno) -> Int32 { try inner.getOption(descriptor, option) }
+    /// Passes through.
     public func readiness(_ descriptors: [PollDescriptor]) -> [PollDescriptor] { inner.readiness(descriptors) }
 }

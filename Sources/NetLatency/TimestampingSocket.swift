@@ -20,6 +20,7 @@ public enum NetLatencyError: Error, Equatable, Sendable, CustomStringConvertible
     /// The plan cannot be run (the text says which value).
     case invalidPlan(String)
 
+    /// A readable form.
     public var description: String {
         switch self {
         case let .socket(operation, code): return "\(operation): \(String(cString: strerror(code)))"
@@ -39,6 +40,7 @@ public enum TimestampSource: String, Codable, Sendable, CustomStringConvertible 
     /// The NIC's own clock, at the wire.
     case hardware
 
+    /// A readable form.
     public var description: String { rawValue }
 }
 
@@ -48,9 +50,11 @@ public struct TimestampingCapabilities: Equatable, Sendable, CustomStringConvert
     public var interface: String
     /// Software transmit and receive timestamps.
     public var softwareTransmit: Bool
+    /// Software receive timestamps.
     public var softwareReceive: Bool
     /// Hardware transmit and receive timestamps with a raw hardware clock.
     public var hardwareTransmit: Bool
+    /// Hardware receive timestamps with a raw hardware clock.
     public var hardwareReceive: Bool
     /// The PTP hardware clock's index, nil when there is none.
     public var hardwareClock: Int32?
@@ -58,6 +62,7 @@ public struct TimestampingCapabilities: Equatable, Sendable, CustomStringConvert
     /// Whether the NIC can timestamp both directions itself.
     public var supportsHardware: Bool { hardwareTransmit && hardwareReceive && hardwareClock != nil }
 
+    /// A readable form.
     public var description: String {
         var parts: [String] = []
         if softwareTransmit { parts.append("software TX") }
@@ -198,6 +203,7 @@ public final class TimestampingUDPSocket: Sendable {
         var raw = Self.endpoint(destination)
         let explicit = ids.withLock { $0.explicitIDs }
         if explicit != false {
+            // Sound: sendmsg reads `bytes.count` bytes of the caller's buffer, during the call.
             let sent = rtv_ts_send(descriptor, bytes.baseAddress, bytes.count, &raw, Int64(id))
             if sent >= 0 {
                 ids.withLock { $0.explicitIDs = true }
@@ -206,6 +212,7 @@ public final class TimestampingUDPSocket: Sendable {
             guard sent == -Int(EINVAL), explicit == nil else { throw .socket(operation: "sendmsg", errno: Int32(-sent)) }
             ids.withLock { $0.explicitIDs = false } // a kernel before 6.13: fall back to the counter
         }
+        // Sound: as above.
         let sent = rtv_ts_send(descriptor, bytes.baseAddress, bytes.count, &raw, -1)
         guard sent >= 0 else { throw .socket(operation: "sendto", errno: Int32(-sent)) }
         return ids.withLock { state in
@@ -234,6 +241,7 @@ public final class TimestampingUDPSocket: Sendable {
         var source = rtv_sock_endpoint()
         var stamp = rtv_ts_stamp()
         var truncated: UInt32 = 0
+        // Sound: recvmsg writes at most `buffer.count` bytes into the caller's buffer, during the call.
         let received = rtv_ts_receive(descriptor, buffer.baseAddress, buffer.count, &source, &stamp, &truncated)
         if received == -Int(EAGAIN) { return nil }
         guard received >= 0 else { throw .socket(operation: "recvmsg", errno: Int32(-received)) }

@@ -12,6 +12,7 @@ public enum PacketRingError: Error, Equatable, Sendable, CustomStringConvertible
     /// A ring word or slot is outside guest memory.
     case memory(GuestMemoryError)
 
+    /// A readable form.
     public var description: String {
         switch self {
         case .invalidLayout(let reason): return "packet ring layout: \(reason)"
@@ -34,9 +35,13 @@ public struct PacketRingLayout: Equatable, Sendable {
     /// The flag a receive record carries when its datagram was longer than the slot.
     public static let truncatedFlag: UInt32 = 1
 
+    /// Host-written: receive records published (u32).
     public var receiveProduced: GuestAddress
+    /// Guest-written: receive records the guest is done with (u32).
     public var receiveConsumed: GuestAddress
+    /// Guest-written: transmit descriptors published (u32).
     public var transmitProduced: GuestAddress
+    /// Host-written: transmit descriptors taken (u32).
     public var transmitConsumed: GuestAddress
     /// `entries` u64 record addresses.
     public var transmitDescriptors: GuestAddress
@@ -313,6 +318,7 @@ public final class PacketRing: Sendable {
 
     /// What happened to one transmit descriptor.
     public enum TransmitOutcome: Equatable, Sendable {
+        /// Sent; refused by the policy; failed on the host.
         case sent, denied, failed
     }
 
@@ -323,6 +329,7 @@ public final class PacketRing: Sendable {
         let (payloadAddress, overflow) = address.addingReportingOverflow(headerSize)
         guard !overflow, let header = try? memory.readBytes(count: Int(headerSize), at: GuestAddress(address)) else { return nil }
         var failure = false
+        // Sound: the reader reads only inside the 32-byte copy, bounds-checked per read.
         let decoded: (length: UInt32, flags: UInt32, endpoint: SocketEndpoint)? = header.withUnsafeBytes { bytes in
             var reader = VMRPCByteReader(bytes)
             do throws(VMRPCStatus) {

@@ -37,6 +37,7 @@ public final class PacketRingReceiver: Sendable {
         do {
             thread = try HostThread(name: name) {
                 onThreadStart?()
+                // Sound: the scratch buffer lives on this thread only and is freed by the defer.
                 let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 65_536, alignment: 16)
                 defer { scratch.deallocate() }
                 let burst = Int(ring.layout.entries)
@@ -85,6 +86,7 @@ public enum PacketRingReceiverError: Error, Equatable, Sendable, CustomStringCon
     /// Its thread could not be started.
     case thread(HostThreadError)
 
+    /// A readable form.
     public var description: String {
         switch self {
         case .eventNotifier(let code): return "packet ring receiver: eventfd failed (\(String(cString: strerror(code))))"
@@ -110,8 +112,10 @@ public final class PacketRingTransmitDoorbell: BusDevice {
         self.ring = ring; self.backend = backend; self.descriptor = descriptor; self.policy = policy
     }
 
+    /// Reads as 0.
     public func read(_ access: BusAccess) -> UInt64 { 0 }
 
+    /// Takes and sends the transmit descriptors the guest published.
     public func write(_ access: BusAccess, value: UInt64) -> BusWriteResult {
         let (memory, backend, descriptor, policy) = (ring.memory, backend, descriptor, policy)
         ring.takeTransmits { transmit in

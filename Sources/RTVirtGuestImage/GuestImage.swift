@@ -139,8 +139,9 @@ public enum GuestLayout {
     public static let ringDoorbellPort: UInt16 = 0x51A
     /// The ring echo's interrupt vector.
     public static let ringVector: UInt8 = 0xEE
-    /// The ring echo's slots per ring and bytes per receive slot.
+    /// The ring echo's slots per ring.
     public static let ringEntries: UInt32 = 64
+    /// Bytes per receive slot of the ring echo.
     public static let ringSlotSize = 2048
 
     /// The ring echo's rings, in vCPU `id`'s data buffer.

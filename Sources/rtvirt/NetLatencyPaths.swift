@@ -294,6 +294,7 @@ final class GuestInterruptEchoRunner: NetServiceRunner {
     func start() throws {
         try ring.reset()
         // Datagrams that came while no round ran (a late request) are not this round's.
+        // Sound: the scratch buffer is used only in this call and freed by the defer.
         let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 65_536, alignment: 16)
         defer { scratch.deallocate() }
         for _ in 0..<4096 { guard (try? sockets.receive(descriptor, into: scratch)) != nil else { break } }

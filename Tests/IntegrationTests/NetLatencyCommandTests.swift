@@ -151,4 +151,22 @@ final class NetLatencyCommandTests: XCTestCase {
         XCTAssertThrowsError(try NetLatencyCommand.parse(["--duration", "0.2", "--rounds", "10"]), "fewer than 10 requests per round")
         XCTAssertNoThrow(try NetLatencyCommand.parse([]))
     }
+
+    /// When kernel timestamps do not come, the report says so and why, instead of dropping the packets.
+    func testMissingTimestampsAreReportedWithTheReason() {
+        let result = NetPathResult(name: "host-echo", samples: 90, lost: 0, minUs: 1, p50Us: 2, p99Us: 3, p999Us: 4, maxUs: 5,
+                                   cpuFraction: 0.1, sent: 100, reordered: 2, duplicates: 0, stale: 1, missingTimestamps: 10,
+                                   sendFailures: 0, stealFraction: 0, testerStealFraction: 0, involuntaryContextSwitches: 0,
+                                   rounds: 1, breakdown: nil)
+        var counters = NetPathCounters()
+        counters.missingTimestamps = 10
+        counters.reordered = 2
+        counters.stale = 1
+        let text = NetLatencyCommand.table([result], ratios: [], counters: [counters], paths: [.hostEcho], cpu: 1)
+        XCTAssertTrue(text.contains("10 replies without a kernel timestamp"), text)
+        XCTAssertTrue(text.contains("2 reordered"), text)
+        XCTAssertTrue(text.contains("1 stale"), text)
+        XCTAssertTrue("\(NetLatencyError.timestampingUnavailable("setsockopt(SO_TIMESTAMPING) failed: Operation not supported"))"
+            .contains("Operation not supported"))
+    }
 }

@@ -63,11 +63,10 @@ public final class VirtualMachineRunner: Sendable {
                 threads.append(try HostThread(name: "vcpu\(loop.vcpu.id)") {
                     var failure: String?
                     do { try onThreadStart?(loop.vcpu) } catch { failure = "\(error)" }
-                    let gate = setup.withLockAndBroadcast { state -> Void in
+                    setup.withLockAndBroadcast { state in
                         state.reports[index] = failure
                         state.reported += 1
                     }
-                    _ = gate
                     let open = setup.wait(until: { $0.gate != .waiting }) { state, _ in state.gate == .open }
                     let reason: VCPUStopReason
                     if failure != nil {

@@ -104,6 +104,7 @@ final class TesterTests: XCTestCase {
         XCTAssertEqual(result.hardwareSamples + result.softwareSamples, 300)
         XCTAssertEqual(tester.timestampSource == .hardware, result.hardwareSamples == 300)
         XCTAssertTrue(tester.timestampReason.contains(topology.testerInterface), "the report names the interface: \(tester.timestampReason)")
+        echo.stop() // joins its thread: its counters are final (it counts after each send)
         XCTAssertEqual(echo.statistics.echoed, 300)
     }
 
@@ -141,6 +142,7 @@ final class TesterTests: XCTestCase {
         XCTAssertEqual(result.lossFraction, 0.1, accuracy: 1e-9, "10 % loss reported")
         XCTAssertEqual(result.answered, 450)
         XCTAssertEqual(result.roundTripNanoseconds.count, 450)
+        echo.stop()
         XCTAssertEqual(echo.statistics.dropped, 50)
         XCTAssertLessThan(elapsed, 30, "hang detector: the round ends after its grace period")
     }

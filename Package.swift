@@ -14,6 +14,8 @@ let package = Package(
         .library(name: "RTVirtTesting", targets: ["RTVirtTesting"]),
         .library(name: "RTVirtGuestImage", targets: ["RTVirtGuestImage"]),
         .library(name: "VMRPCSockets", targets: ["VMRPCSockets"]),
+        .library(name: "PacketRing", targets: ["PacketRing"]),
+        .library(name: "NetLatency", targets: ["NetLatency"]),
         .executable(name: "rtvirt", targets: ["rtvirt"]),
     ],
     dependencies: [
@@ -33,6 +35,8 @@ let package = Package(
         .target(name: "CVMRPCGuest"),
         // Socket calls of VMRPCSockets that Swift handles awkwardly (sockaddr, mmsghdr, setns).
         .target(name: "CSocketsSupport"),
+        // SO_TIMESTAMPING control messages, the error queue and ethtool for NetLatency.
+        .target(name: "CNetLatencySupport", dependencies: ["CSocketsSupport"]),
         .systemLibrary(
             name: "CLibcgroup",
             pkgConfig: "libcgroup",
@@ -97,6 +101,11 @@ let package = Package(
         ),
         .target(name: "RTVirtTesting", dependencies: ["RTVirtCore", "LongPoll"]),
         .target(name: "VMRPCSockets", dependencies: ["VMRPC", "RTVirtCore", "LongPoll", "CSocketsSupport"]),
+        // Receive and transmit rings of datagrams in guest memory, filled by a VMM I/O thread that
+        // raises an interrupt, drained through a doorbell: the conventional (virtio-net-shaped) path.
+        .target(name: "PacketRing", dependencies: ["RTVirtCore", "VMRPC", "VMRPCSockets"]),
+        // Probe-free network latency: a UDP tester with kernel timestamps in a namespace of its own.
+        .target(name: "NetLatency", dependencies: ["RTVirtCore", "LongPoll", "VMRPCSockets", "CNetLatencySupport", "CSocketsSupport"]),
 
         // MARK: Fuzzing of the VMRPC server (Docs/Fuzzing.md)
         .target(name: "VMRPCFuzzHarness", dependencies: ["VMRPC", "RTVirtTesting", "RTVirtCore", "LongPoll", "VMRPCSockets"]),
@@ -112,7 +121,7 @@ let package = Package(
         ),
         .target(
             name: "RTVirtGuestImage",
-            dependencies: ["RTVirtCore", "KVMBackend", "VMRPC", "LongPoll", "X86GuestSetup"],
+            dependencies: ["RTVirtCore", "KVMBackend", "VMRPC", "LongPoll", "X86GuestSetup", "PacketRing"],
             plugins: ["GuestImageBuilder"]
         ),
 
@@ -121,9 +130,10 @@ let package = Package(
             name: "rtvirt",
             dependencies: [
                 "RTVirtCore", "LongPoll", "RealtimeVCPU", "X86GuestSetup", "KVMBackend", "VMRPC", "CgroupScheduler",
-                "RTVirtGuestImage", "VMRPCSockets", "CLinuxSupport", "CZlib",
+                "RTVirtGuestImage", "VMRPCSockets", "PacketRing", "NetLatency", "CLinuxSupport", "CZlib",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
 
@@ -134,7 +144,7 @@ let package = Package(
             dependencies: ["LongPoll", "RTVirtCore", "RTVirtTesting", .product(name: "MetricsTestKit", package: "swift-metrics")]
         ),
         .testTarget(name: "RealtimeVCPUTests", dependencies: ["RealtimeVCPU", "RTVirtCore", "RTVirtTesting"]),
-        .testTarget(name: "X86GuestSetupTests", dependencies: ["X86GuestSetup", "RTVirtCore", "KVMBackend", "RTVirtGuestImage"]),
+        .testTarget(name: "X86GuestSetupTests", dependencies: ["X86GuestSetup", "RTVirtCore", "KVMBackend", "RTVirtGuestImage", "PacketRing"]),
         .testTarget(
             name: "KVMBackendTests",
             dependencies: ["KVMBackend", "RTVirtCore", "LongPoll", "RealtimeVCPU", "X86GuestSetup", "VMRPC", "RTVirtTesting", "RTVirtGuestImage"]
@@ -152,11 +162,16 @@ let package = Package(
             dependencies: ["VMRPCSockets", "VMRPC", "LongPoll", "RTVirtCore", "RTVirtTesting", "CVMRPCGuest", "VMRPCFuzzHarness",
                            "KVMBackend", "RTVirtGuestImage"]
         ),
+        .testTarget(
+            name: "NetLatencyTests",
+            dependencies: ["NetLatency", "PacketRing", "VMRPCSockets", "VMRPC", "RTVirtCore", "RTVirtTesting", "KVMBackend",
+                           "RTVirtGuestImage", "LongPoll"]
+        ),
         .testTarget(name: "CgroupSchedulerTests", dependencies: ["CgroupScheduler", "RealtimeVCPU", "RTVirtTesting"]),
         .testTarget(name: "RTVirtTestingTests", dependencies: ["RTVirtTesting", "LongPoll"]),
         .testTarget(name: "IntegrationTests", dependencies: [
             "rtvirt", "CgroupScheduler", "KVMBackend", "RTVirtCore", "LongPoll", "RealtimeVCPU", "X86GuestSetup", "VMRPC",
-            "RTVirtGuestImage", "RTVirtTesting", "VMRPCSockets", "CZlib",
+            "RTVirtGuestImage", "RTVirtTesting", "VMRPCSockets", "PacketRing", "NetLatency", "CZlib",
             .product(name: "Histogram", package: "hdrhistogram-swift"),
         ]),
     ],

@@ -25,6 +25,7 @@
 #define GUEST_PORT_INPUT  0x512 /* in: a value the host supplies */
 #define GUEST_PORT_DOORBELL 0x518 /* out: VMRPC doorbell */
 #define GUEST_PORT_BARE     0x519 /* out: an exit the host ignores (the baseline of rpc-bench) */
+#define GUEST_PORT_RING_DOORBELL 0x51A /* out: the ring echo's transmit doorbell (the host sends the new transmit-ring entries) */
 
 /* Modes, passed in RDI at entry; arguments in RSI and RDX; RCX = this vCPU's VMRPC slot;
  * R8 = this vCPU's data buffer. Modes from 6 on are written in C (modes.c). */
@@ -54,6 +55,12 @@
                                   * path (long and very short spins), posting and ringing at once, ordinary doorbell calls,
                                   * exitless blocking calls and idle gaps; every count is checked. Reports per path counts;
                                   * exits 0, 0x200 on a count that is not the next (then reports index, got, expected) */
+#define GUEST_MODE_UDP_BUSY_POLL 30 /* net.*: UDP echo on port RSI & 0xFFFF (IPv6 if RSI bit 16) that never parks: it spins on
+                                    * net.receiveFrom with timeout 0 and sends each datagram back with net.sendTo (CPL 3) */
+#define GUEST_MODE_RING_ECHO 31 /* the interrupt-driven UDP echo (virtio-net's shape): x2APIC on, an IDT gate for GUEST_RING_VECTOR,
+                                 * reports GUEST_NET_READY, then sti; hlt; each interrupt, it puts every new receive-ring record's
+                                 * address into the transmit ring and rings GUEST_PORT_RING_DOORBELL (CPL 0, needs the irqchip).
+                                 * The rings are in this vCPU's data buffer (GUEST_RING_*) */
 
 /* The cyclic modes store, per period i, (TSC at resume - deadline i) as a signed 64-bit value:
  * the interrupt mode at data[i]; the long-poll modes at data[2i], with data[2i + 1] the arrival
@@ -85,5 +92,23 @@
 #define GUEST_NET_READY    0x4E455452 /* "RTEN" */
 #define GUEST_NET_ACCEPTED 0x4E455441
 #define GUEST_NET_STRIDE   2048
+
+/* The ring echo's rings (mode 31), at these offsets in the vCPU's data buffer. Indices are free-running
+ * u32 counters (slot = index mod GUEST_RING_ENTRIES). The host owns RX_PRODUCED and TX_CONSUMED, the
+ * guest RX_CONSUMED and TX_PRODUCED; each in a cache line of its own. A receive record is a
+ * struct rtv_net_batch_record (length, flags, source address) and its payload, in a slot of
+ * GUEST_RING_SLOT_SIZE bytes; a transmit descriptor is the u64 guest-physical address of such a
+ * record (the echo sends a received record back in place: to its address, with its payload). */
+#define GUEST_RING_ENTRIES        64
+#define GUEST_RING_SLOT_SIZE      2048
+#define GUEST_RING_SLOT_SHIFT     11
+#define GUEST_RING_RX_PRODUCED    0x00
+#define GUEST_RING_RX_CONSUMED    0x40
+#define GUEST_RING_TX_PRODUCED    0x80
+#define GUEST_RING_TX_CONSUMED    0xC0
+#define GUEST_RING_TX_DESCRIPTORS 0x1000
+#define GUEST_RING_RX_SLOTS       0x2000
+/* The ring echo's interrupt vector. */
+#define GUEST_RING_VECTOR 0xEE
 
 #endif

@@ -308,6 +308,31 @@ static uint32_t udp_echo(volatile uint8_t *slot, uint64_t arg0, uint64_t batch, 
     }
 }
 
+/* UDP echo at CPL 3 that never waits in the host: net.receiveFrom with timeout 0 in a loop (each
+ * attempt one exit; RTV_NET_WOULD_BLOCK means nothing yet, try again at once), each datagram sent
+ * back to its source with net.sendTo. The DPDK poll-mode way: no interrupt, no park, a whole CPU. */
+static uint32_t udp_busy_poll(volatile uint8_t *slot, uint64_t arg0, uint8_t *data) {
+    uint16_t family = (arg0 >> 16) & 1 ? RTV_NET_FAMILY_IPV6 : RTV_NET_FAMILY_IPV4;
+    uint64_t handle;
+    uint32_t net, status = net_open_bound(slot, family, RTV_NET_TYPE_DATAGRAM, (uint16_t)arg0, &handle);
+    if (status) return status;
+    report(GUEST_NET_READY);
+    uint8_t *send_area = data + 8192;
+    for (;;) {
+        struct rtv_net_receive_args receive = { handle, 0, 0, RTV_NET_INLINE_MAX, 0 };
+        status = net_call(slot, RTV_NET_PROC_RECEIVE_FROM, &receive, sizeof(receive), data,
+                          sizeof(struct rtv_net_receive_result) + RTV_NET_INLINE_MAX, &net);
+        if (status == RTV_VMRPC_OK && net == RTV_NET_WOULD_BLOCK) continue;
+        NET_CHECK(status);
+        struct rtv_net_receive_result received;
+        memcpy(&received, data, sizeof(received));
+        struct rtv_net_send_to_args send = { { handle, 0, 0, received.length, 0 }, received.source };
+        memcpy(send_area, &send, sizeof(send));
+        memcpy(send_area + sizeof(send), data + sizeof(received), received.length);
+        NET_CHECK(net_call(slot, RTV_NET_PROC_SEND_TO, send_area, sizeof(send) + received.length, 0, 0, &net));
+    }
+}
+
 /* TCP echo at CPL 3: accept (long poll), then receive and send back until the peer closes. */
 static uint32_t tcp_echo(volatile uint8_t *slot, uint64_t arg0, uint8_t *data) {
     uint16_t family = (arg0 >> 16) & 1 ? RTV_NET_FAMILY_IPV6 : RTV_NET_FAMILY_IPV4;
@@ -505,6 +530,7 @@ uint32_t guest_c_main(uint64_t mode, uint64_t arg0, uint64_t arg1, uint8_t *slot
     case GUEST_MODE_TCP_ECHO: return tcp_echo(slot, arg0, (uint8_t *)data);
     case GUEST_MODE_RPC_BENCH_EXITLESS: return rpc_bench_exitless(slot, arg0, arg1, data);
     case GUEST_MODE_RPC_SWITCH: return rpc_switch(slot, arg0, arg1);
+    case GUEST_MODE_UDP_BUSY_POLL: return udp_busy_poll(slot, arg0, (uint8_t *)data);
     default: return GUEST_STATUS_BAD_MODE;
     }
 }

@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 
 void rtv_exit_decode(const struct kvm_run *run, size_t run_size, struct rtv_exit_info *out) {
@@ -147,3 +148,36 @@ int rtv_kick_unblock_in_current_thread(int signo) {
 int rtv_kick_thread(pthread_t thread, int signo) { return pthread_kill(thread, signo); }
 
 int rtv_kick_default_signal(void) { return SIGRTMIN + 3; }
+
+int rtv_kvm_set_gsi_routing(int vmfd, const struct rtv_kvm_route *routes, uint32_t count) {
+    if (count > 4096) {
+        errno = EINVAL;
+        return -1;
+    }
+    size_t size = sizeof(struct kvm_irq_routing) + (size_t)count * sizeof(struct kvm_irq_routing_entry);
+    struct kvm_irq_routing *table = calloc(1, size);
+    if (!table) {
+        errno = ENOMEM;
+        return -1;
+    }
+    table->nr = count;
+    for (uint32_t i = 0; i < count; i++) {
+        struct kvm_irq_routing_entry *entry = &table->entries[i];
+        entry->gsi = routes[i].gsi;
+        if (routes[i].is_msi) {
+            entry->type = KVM_IRQ_ROUTING_MSI;
+            entry->u.msi.address_lo = (uint32_t)routes[i].msi_address;
+            entry->u.msi.address_hi = (uint32_t)(routes[i].msi_address >> 32);
+            entry->u.msi.data = routes[i].msi_data;
+        } else {
+            entry->type = KVM_IRQ_ROUTING_IRQCHIP;
+            entry->u.irqchip.irqchip = routes[i].chip;
+            entry->u.irqchip.pin = routes[i].pin;
+        }
+    }
+    int result = ioctl(vmfd, KVM_SET_GSI_ROUTING, table);
+    int saved = errno;
+    free(table);
+    errno = saved;
+    return result;
+}

@@ -18,6 +18,7 @@ public enum KVMCapability: Int, CaseIterable, Sendable, CustomStringConvertible 
     case multiprocessingState
     case signalMSI
     case vcpuAttributes
+    case irqRouting
 
     /// The kernel's number for it.
     var number: Int {
@@ -39,6 +40,7 @@ public enum KVMCapability: Int, CaseIterable, Sendable, CustomStringConvertible 
         case .multiprocessingState: value = RTV_CAP_MP_STATE
         case .signalMSI: value = RTV_CAP_SIGNAL_MSI
         case .vcpuAttributes: value = RTV_CAP_VCPU_ATTRIBUTES
+        case .irqRouting: value = RTV_CAP_IRQ_ROUTING
         }
         return Int(value.rawValue)
     }
@@ -62,6 +64,7 @@ public enum KVMCapability: Int, CaseIterable, Sendable, CustomStringConvertible 
         case .multiprocessingState: return "KVM_CAP_MP_STATE"
         case .signalMSI: return "KVM_CAP_SIGNAL_MSI"
         case .vcpuAttributes: return "KVM_CAP_VCPU_ATTRIBUTES"
+        case .irqRouting: return "KVM_CAP_IRQ_ROUTING"
         }
     }
 

@@ -141,3 +141,82 @@ public final class KVMInterruptEventFD: Sendable {
     /// Injects the interrupt (edge: one per signal).
     public func signal() { notifier.signal() }
 }
+
+/// One entry of a VM's GSI routing table (`KVM_SET_GSI_ROUTING`): what raising global system
+/// interrupt `gsi` (with `KVM_IRQ_LINE` or an irqfd) does.
+public enum KVMInterruptRoute: Equatable, Sendable {
+    /// A pin of an in-kernel interrupt controller: `chip` 0 (master PIC), 1 (slave PIC) or 2 (IOAPIC).
+    case interruptController(gsi: UInt32, chip: UInt32, pin: UInt32)
+    /// A message-signalled interrupt, straight to a LAPIC (the way virtio-pci's MSI-X vectors
+    /// reach a guest with vhost: an irqfd whose GSI routes to an MSI).
+    case msi(gsi: UInt32, message: X86MSIMessage)
+
+    /// The GSI.
+    public var gsi: UInt32 {
+        switch self {
+        case .interruptController(let gsi, _, _), .msi(let gsi, _): return gsi
+        }
+    }
+
+    /// KVM's default x86 table after `KVM_CREATE_IRQCHIP`: GSIs 0-15 to the PICs (pin gsi mod
+    /// 8) and 0-23 to the IOAPIC pins of the same number. A table that adds routes keeps these,
+    /// so that the legacy lines keep working.
+    public static let defaultX86: [KVMInterruptRoute] = (UInt32(0)..<24).flatMap { gsi -> [KVMInterruptRoute] in
+        let ioapic = KVMInterruptRoute.interruptController(gsi: gsi, chip: 2, pin: gsi)
+        guard gsi < 16 else { return [ioapic] }
+        return [ioapic, .interruptController(gsi: gsi, chip: gsi < 8 ? 0 : 1, pin: gsi % 8)]
+    }
+
+    /// The first GSI past the default table's, where `connectMSI` allocates.
+    public static let firstFreeGSI: UInt32 = 24
+}
+
+extension KVMVirtualMachine {
+    /// Replaces the VM's GSI routing table (`KVM_SET_GSI_ROUTING`). Include
+    /// `KVMInterruptRoute.defaultX86` to keep the legacy lines. Needs the in-kernel interrupt
+    /// controller.
+    public func setInterruptRoutes(_ routes: [KVMInterruptRoute]) throws(KVMError) {
+        guard hasInterruptController else { throw .missingCapability(.irqchip) }
+        guard system.hasCapability(.irqRouting) else { throw .missingCapability(.irqRouting) }
+        try interruptRoutes.withLock { (installed) throws(KVMError) in
+            try Self.install(routes, on: descriptor.rawValue)
+            installed = routes
+        }
+    }
+
+    private static func install(_ routes: [KVMInterruptRoute], on fd: Int32) throws(KVMError) {
+        let raw = routes.map { route -> rtv_kvm_route in
+            switch route {
+            case let .interruptController(gsi, chip, pin):
+                return rtv_kvm_route(gsi: gsi, is_msi: 0, chip: chip, pin: pin, msi_address: 0, msi_data: 0, reserved: 0)
+            case let .msi(gsi, message):
+                return rtv_kvm_route(gsi: gsi, is_msi: 1, chip: 0, pin: 0, msi_address: message.address, msi_data: message.data, reserved: 0)
+            }
+        }
+        // Sound: the C function reads `count` entries of the array during the call only.
+        _ = try checkedIoctl("KVM_SET_GSI_ROUTING") { raw.withUnsafeBufferPointer { rtv_kvm_set_gsi_routing(fd, $0.baseAddress, UInt32($0.count)) } }
+    }
+
+    /// Routes a new GSI (from `KVMInterruptRoute.firstFreeGSI` on) to `message` and connects an
+    /// eventfd to it (`KVM_SET_GSI_ROUTING` then `KVM_IRQFD`): each `signal()` of the result
+    /// delivers the MSI to its LAPIC from the kernel's eventfd wake-up, with no ioctl and no exit
+    /// on the VMM's side — virtio-pci's MSI-X vector with vhost, in miniature. The route stays
+    /// installed after the eventfd is disconnected. Needs the in-kernel interrupt controller.
+    public func connectMSI(_ message: X86MSIMessage) throws(KVMError) -> KVMInterruptEventFD {
+        guard hasInterruptController else { throw .missingCapability(.irqchip) }
+        guard system.hasCapability(.irqRouting) else { throw .missingCapability(.irqRouting) }
+        guard system.hasCapability(.irqfd) else { throw .missingCapability(.irqfd) }
+        let gsi = try interruptRoutes.withLock { (installed) throws(KVMError) -> UInt32 in
+            let table = installed ?? KVMInterruptRoute.defaultX86
+            let gsi = max(KVMInterruptRoute.firstFreeGSI, (table.map(\.gsi).max() ?? 0) + 1)
+            let updated = table + [.msi(gsi: gsi, message: message)]
+            try Self.install(updated, on: descriptor.rawValue)
+            installed = updated
+            return gsi
+        }
+        return try connectInterruptLine(gsi)
+    }
+
+    /// The routing table this backend installed, or nil while KVM's default is in force.
+    public var installedInterruptRoutes: [KVMInterruptRoute]? { interruptRoutes.withLock { $0 } }
+}

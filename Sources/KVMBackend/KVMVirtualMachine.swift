@@ -29,6 +29,9 @@ public final class KVMVirtualMachine: VirtualMachine {
         var hasInterruptController = false
     }
     private let bookkeeping = LockedValue(Bookkeeping())
+    /// The GSI routing table this backend installed (nil: KVM's default), kept so that routes
+    /// can be added one at a time (`KVM_SET_GSI_ROUTING` replaces the whole table).
+    let interruptRoutes = LockedValue<[KVMInterruptRoute]?>(nil)
     /// Whether a `KVM_RUN` of this VM has returned (so KVM has started its per-VM workers).
     let hasRun = Atomic<Bool>(false)
 

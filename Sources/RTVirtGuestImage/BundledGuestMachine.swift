@@ -17,7 +17,7 @@ public struct BundledGuestVCPU: Sendable {
     public init(mode: BundledGuestMode, arguments: (UInt64, UInt64) = (0, 0), privilege: X86StartPrivilege? = nil) {
         self.mode = mode
         self.arguments = arguments
-        self.privilege = privilege ?? ([.halt, .cyclicInterrupt, .interruptibleSleep].contains(mode) ? .kernel : .userWithIOPrivilege)
+        self.privilege = privilege ?? ([.halt, .cyclicInterrupt, .interruptibleSleep, .ringEcho].contains(mode) ? .kernel : .userWithIOPrivilege)
     }
 }
 
@@ -86,9 +86,11 @@ public final class BundledGuestMachine: Sendable {
     /// Sets vCPU `id` up to enter the image afresh in `configuration`'s mode, with its arguments.
     /// Call it only while the vCPU is stopped (no thread is in `KVM_RUN`), for example to run a
     /// mode again in the same VM after the guest exited: memory, TSC mapping and the in-kernel
-    /// irqchip stay as they are.
+    /// irqchip stay as they are. With the in-kernel irqchip the vCPU is made runnable again (a
+    /// vCPU stopped while halted would otherwise stay halted until an interrupt came).
     public func reenter(vcpu id: Int, _ configuration: BundledGuestVCPU) throws {
         try Self.enter(vcpus[id], id: id, vcpuCount: vcpus.count, configuration, layout: layout)
+        if vm.hasInterruptController { try vcpus[id].setMultiprocessingState(.runnable) }
     }
 
     private static func enter(_ vcpu: KVMVirtualCPU, id: Int, vcpuCount: Int, _ configuration: BundledGuestVCPU,

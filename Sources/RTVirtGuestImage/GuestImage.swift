@@ -1,3 +1,4 @@
+import PacketRing
 import RTVirtCore
 
 /// The bundled bare guest: a flat x86-64 image built from `Guest/` at build time.
@@ -73,6 +74,16 @@ public enum BundledGuestMode: UInt64, Sendable, CaseIterable {
     /// (exit `GuestLayout.countMismatchStatus` on one that is not the next, after reporting the
     /// index, the count and the expected count). Reports the calls per path.
     case rpcSwitch = 22
+    /// UDP echo through the `net.*` procedures at CPL 3 that never parks: it spins on
+    /// `net.receiveFrom` with timeout 0 (one exit per attempt) and sends each datagram back with
+    /// `net.sendTo`; port RSI & 0xFFFF (IPv6 when RSI bit 16 is set); reports `GuestLayout.netReady`.
+    case udpBusyPoll = 30
+    /// The interrupt-driven UDP echo (virtio-net's shape) at CPL 0, needing the in-kernel irqchip:
+    /// x2APIC on, an IDT gate for `GuestLayout.ringVector`, reports `GuestLayout.netReady`, then
+    /// `sti; hlt`. Each interrupt it puts every new receive-ring record's address into the
+    /// transmit ring and rings `GuestLayout.ringDoorbellPort`. Its rings are
+    /// `GuestLayout.packetRingLayout(forVCPU:)`.
+    case ringEcho = 31
 
     /// The LCG multiplier and increment the `compute` mode uses.
     public static let lcgMultiplier: UInt64 = 6_364_136_223_846_793_005
@@ -142,6 +153,19 @@ public enum GuestLayout {
     public static let countMismatchStatus: UInt64 = 0x200
     /// The exitless modes' exit status when the host does not offer `exitless`.
     public static let noExitlessStatus: UInt64 = 0x300
+    /// The ring echo's transmit doorbell port.
+    public static let ringDoorbellPort: UInt16 = 0x51A
+    /// The ring echo's interrupt vector.
+    public static let ringVector: UInt8 = 0xEE
+    /// The ring echo's slots per ring.
+    public static let ringEntries: UInt32 = 64
+    /// Bytes per receive slot of the ring echo.
+    public static let ringSlotSize = 2048
+
+    /// The ring echo's rings, in vCPU `id`'s data buffer.
+    public static func packetRingLayout(forVCPU id: Int) -> PacketRingLayout {
+        PacketRingLayout(base: dataBuffer(forVCPU: id), entries: ringEntries, slotSize: ringSlotSize)
+    }
 
     /// The initial stack pointer of vCPU `id`.
     public static func stackPointer(forVCPU id: Int) -> UInt64 { stackTop - UInt64(id) * stackSize }

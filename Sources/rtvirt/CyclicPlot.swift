@@ -47,11 +47,19 @@ enum CyclicPlot {
     }
 
     static func svg(_ paths: [CyclicPathStatistics], intervalMicroseconds: Int, scale: CyclicPlotScale) -> String {
+        svg(paths, title: "Timer wake-up lateness, \(intervalMicroseconds) µs period (share of wake-ups at or below)",
+            quantity: "lateness after the deadline", lowEdgeNote: "early wake-ups at the left edge", scale: scale)
+    }
+
+    /// The plot of any paths' latency distributions: `title` on top, `quantity` names the x axis,
+    /// `lowEdgeNote` says what sits at the left edge of a logarithmic axis.
+    static func svg<Path>(_ paths: [PathStatistics<Path>], title: String, quantity: String,
+                          lowEdgeNote: String = "values below the axis at the left edge", scale: CyclicPlotScale) -> String {
         let plotWidth = 640.0, plotHeight = 380.0, left = 70.0, top = 50.0, bottom = 60.0
         let legends = paths.map { statistics -> String in
-            let result = statistics.result
-            return String(format: "%@  p50 %.1f  p99 %.1f µs", statistics.path.rawValue, result.p50Us, result.p99Us)
-                + (result.earlyWakes > 0 ? "  (\(result.earlyWakes) early!)" : "")
+            String(format: "%@  p50 %.1f  p99 %.1f µs", statistics.path.name, statistics.microseconds(atPercentile: 50),
+                   statistics.microseconds(atPercentile: 99))
+                + (statistics.earlyWakes > 0 ? "  (\(statistics.earlyWakes) early!)" : "")
         }
         // At most 8 px per character at 12 px sans-serif, plus the colour swatch and margins.
         let legendWidth = Double(legends.map(\.count).max() ?? 10) * 8 + 60
@@ -82,7 +90,7 @@ enum CyclicPlot {
         var svg = """
             <svg xmlns="http://www.w3.org/2000/svg" width="\(Int(width))" height="\(Int(height))" viewBox="0 0 \(Int(width)) \(Int(height))" font-family="sans-serif" font-size="12">
             <rect width="100%" height="100%" fill="white"/>
-            <text x="\(Int(left))" y="24" font-size="15">Timer wake-up lateness, \(intervalMicroseconds) µs period (share of wake-ups at or below)</text>
+            <text x="\(Int(left))" y="24" font-size="15">\(title.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;"))</text>
 
             """
         // y grid: 0, 90 %, 99 %, ...
@@ -104,8 +112,8 @@ enum CyclicPlot {
             svg += text(label(microseconds: tick), x: x(tick), y: top + plotHeight + 18, anchor: "middle")
         }
         svg += line(left, top, left, top + plotHeight, stroke: "#444") + line(left, top + plotHeight, left + plotWidth, top + plotHeight, stroke: "#444")
-        let axis = scale == .log ? "lateness after the deadline (µs, logarithmic; early wake-ups at the left edge)"
-            : "lateness after the deadline (µs; values past the axis at the right edge)"
+        let axis = scale == .log ? "\(quantity) (µs, logarithmic; \(lowEdgeNote))"
+            : "\(quantity) (µs; values past the axis at the right edge)"
         svg += text(axis, x: left + plotWidth / 2, y: height - 18, anchor: "middle")
 
         for (index, statistics) in paths.enumerated() where statistics.count > 0 {
@@ -118,7 +126,7 @@ enum CyclicPlot {
                 n += 0.02
             }
             points.append(String(format: "%.1f,%.1f", x(Double(statistics.total.max) / 1000), y(nines: maximumNines)))
-            let color = color(of: statistics.path)
+            let color = statistics.path.plotColor
             svg += "<polyline fill=\"none\" stroke=\"\(color)\" stroke-width=\"2\" points=\"\(points.joined(separator: " "))\"/>\n"
             let legendY = top + 14 + Double(index) * 20
             svg += line(left + plotWidth + 16, legendY - 4, left + plotWidth + 36, legendY - 4, stroke: color, width: 3)

@@ -2,9 +2,16 @@ import Foundation
 import Histogram
 import LongPoll
 
+/// A measured path of one of the interleaved-round reports (`rtvirt cyclictest`, `rtvirt
+/// netlatency`): its stable name (in the table and the JSON) and its colour in the plot.
+protocol MeasuredPath: Hashable, Sendable {
+    var name: String { get }
+    var plotColor: String { get }
+}
+
 /// The measured paths of `rtvirt cyclictest`. The raw values are the names in the table and the
 /// JSON; they are stable.
-enum CyclicPath: String, CaseIterable, Codable, Sendable {
+enum CyclicPath: String, CaseIterable, Codable, Sendable, MeasuredPath {
     /// `clock_nanosleep(TIMER_ABSTIME)` on a host thread: the plain host sleep.
     case host
     /// The long-poll dispatcher's deadline wait (`DeadlineTimerStrategy`: wake early by a learned
@@ -18,15 +25,18 @@ enum CyclicPath: String, CaseIterable, Codable, Sendable {
     case guestLongPoll = "guest-longpoll"
     /// The conventional path: the LAPIC TSC-deadline timer, `sti; hlt`, an interrupt handler.
     case guestInterrupt = "guest-interrupt"
+
+    var name: String { rawValue }
+    var plotColor: String { CyclicPlot.color(of: self) }
 }
 
 /// A comparison the report makes for every round: `numerator`'s percentile over
 /// `denominator`'s (a ratio) or minus it (a difference, microseconds).
-struct CyclicComparison: Sendable {
+struct PathComparison<Path: MeasuredPath>: Sendable {
     enum Kind: String, Sendable { case ratio, difference }
     var kind: Kind
-    var numerator: CyclicPath
-    var denominator: CyclicPath
+    var numerator: Path
+    var denominator: Path
     /// 50 or 99.
     var percentile: Double
     /// What it shows, for the table.
@@ -34,10 +44,15 @@ struct CyclicComparison: Sendable {
 
     var name: String {
         let p = percentile == 50 ? "p50" : "p99"
-        return kind == .ratio ? "\(numerator.rawValue) \(p) / \(denominator.rawValue) \(p)"
-            : "\(numerator.rawValue) \(p) - \(denominator.rawValue) \(p)"
+        return kind == .ratio ? "\(numerator.name) \(p) / \(denominator.name) \(p)"
+            : "\(numerator.name) \(p) - \(denominator.name) \(p)"
     }
+}
 
+/// The comparisons of `rtvirt cyclictest`.
+typealias CyclicComparison = PathComparison<CyclicPath>
+
+extension PathComparison where Path == CyclicPath {
     /// The headline comparisons, in the order of the table.
     static let headline: [CyclicComparison] = [
         CyclicComparison(kind: .ratio, numerator: .guestLongPoll, denominator: .hostCompensated, percentile: 99,
@@ -84,11 +99,11 @@ struct CyclicRoundSummary: Sendable, Equatable {
 /// Everything recorded for one path, in memory that does not grow with the number of samples:
 /// HdrHistograms (3 significant digits, nanoseconds up to `highestTrackableNanoseconds`), exact
 /// extremes and counters, and the cost counters.
-struct CyclicPathStatistics {
+struct PathStatistics<Path: MeasuredPath> {
     /// Values above this are recorded as this (the exact maximum is kept separately).
-    static let highestTrackableNanoseconds: UInt64 = 10_000_000_000
+    static var highestTrackableNanoseconds: UInt64 { 10_000_000_000 }
 
-    let path: CyclicPath
+    let path: Path
     /// Every sample of the run.
     private(set) var total: Histogram<UInt64>
     /// The samples of the round being recorded.
@@ -112,7 +127,7 @@ struct CyclicPathStatistics {
     private(set) var hostWake: Histogram<UInt64>?
     private(set) var returnPath: Histogram<UInt64>?
 
-    init(path: CyclicPath) {
+    init(path: Path) {
         self.path = path
         total = Self.emptyHistogram()
         round = total
@@ -152,6 +167,17 @@ struct CyclicPathStatistics {
         round.reset()
     }
 
+    /// Records one latency sample (a round-trip time, for example).
+    mutating func record(nanoseconds: Int64) { record(latenessNanoseconds: nanoseconds) }
+
+    /// The percentile `percentile` (0 ... 100) of all samples, microseconds.
+    func microseconds(atPercentile percentile: Double) -> Double { Double(total.valueAtPercentile(percentile)) / 1000 }
+}
+
+/// The statistics of one path of `rtvirt cyclictest`.
+typealias CyclicPathStatistics = PathStatistics<CyclicPath>
+
+extension PathStatistics where Path == CyclicPath {
     /// The path's line of the report.
     var result: CyclicPathResult {
         func us(_ nanoseconds: Double) -> Double { nanoseconds / 1000 }
@@ -206,7 +232,7 @@ struct CyclicPathResult: Codable, Equatable, Sendable {
 /// The per-round comparisons of a run: for each comparison, the median and range of its values
 /// over the rounds in which both paths ran.
 enum CyclicComparisons {
-    static func evaluate(_ comparisons: [CyclicComparison], statistics: [CyclicPathStatistics]) -> [CyclicRatio] {
+    static func evaluate<Path>(_ comparisons: [PathComparison<Path>], statistics: [PathStatistics<Path>]) -> [CyclicRatio] {
         comparisons.compactMap { comparison in
             guard let numerator = statistics.first(where: { $0.path == comparison.numerator }),
                   let denominator = statistics.first(where: { $0.path == comparison.denominator }) else { return nil }
@@ -220,8 +246,8 @@ enum CyclicComparisons {
                 }
             }
             guard !values.isEmpty else { return nil }
-            return CyclicRatio(name: comparison.name, kind: comparison.kind.rawValue, numerator: comparison.numerator.rawValue,
-                               denominator: comparison.denominator.rawValue, percentile: comparison.percentile == 50 ? "p50" : "p99",
+            return CyclicRatio(name: comparison.name, kind: comparison.kind.rawValue, numerator: comparison.numerator.name,
+                               denominator: comparison.denominator.name, percentile: comparison.percentile == 50 ? "p50" : "p99",
                                median: median(values), min: values.min()!, max: values.max()!, rounds: values.count)
         }
     }

@@ -364,14 +364,14 @@ struct CyclicTestCommand: ParsableCommand {
     }
 
     /// Steal and preemption per round, so that a noisy run shows in the output.
-    static func noise(_ statistics: [CyclicPathStatistics], cpu: Int) -> String {
+    static func noise<Path>(_ statistics: [PathStatistics<Path>], cpu: Int) -> String {
         var noisy = 0, total = 0
         var worst: (fraction: Double, round: Int, path: String) = (0, 0, "")
         for path in statistics {
             for (round, summary) in path.rounds.enumerated() {
                 total += 1
                 if summary.stealFraction > 0.01 { noisy += 1 }
-                if summary.stealFraction > worst.fraction { worst = (summary.stealFraction, round + 1, path.path.rawValue) }
+                if summary.stealFraction > worst.fraction { worst = (summary.stealFraction, round + 1, path.path.name) }
             }
         }
         guard worst.fraction > 0 else { return "\nNoise: no steal time on CPU \(cpu) in any round." }
@@ -379,7 +379,7 @@ struct CyclicTestCommand: ParsableCommand {
                       cpu, noisy, total, worst.fraction * 100, worst.round, worst.path)
     }
 
-    static func histogram(_ statistics: CyclicPathStatistics) -> String {
+    static func histogram<Path>(_ statistics: PathStatistics<Path>) -> String {
         let bounds: [Double] = [5, 10, 20, 30, 40, 50, 75, 100, 150, 200, 500, 1000]
         var counts: [Int] = []
         var lower: UInt64 = 0
@@ -388,9 +388,9 @@ struct CyclicTestCommand: ParsableCommand {
             counts.append(Int(statistics.total.count(within: lower...upper)))
             lower = upper + 1
         }
-        counts.append(Int(statistics.total.count(within: lower...CyclicPathStatistics.highestTrackableNanoseconds)))
+        counts.append(Int(statistics.total.count(within: lower...PathStatistics<Path>.highestTrackableNanoseconds)))
         let rows = TextHistogram(upperBounds: bounds, counts: counts).render(unit: "µs").map { "  " + $0 }
-        return "\n\(statistics.path.rawValue):\n" + rows.joined(separator: "\n")
+        return "\n\(statistics.path.name):\n" + rows.joined(separator: "\n")
     }
 }
 

@@ -7,7 +7,7 @@ struct RTVirtCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "rtvirt",
         abstract: "Real-time behaviour for KVM virtual machines: run the bundled guest, check a host.",
-        subcommands: [CyclicTestCommand.self, RunCommand.self, CheckCommand.self, RPCBenchCommand.self,
+        subcommands: [CyclicTestCommand.self, NetLatencyCommand.self, RunCommand.self, CheckCommand.self, RPCBenchCommand.self,
                       PartitionCommand.self, RunawayCommand.self, TSCOffsetCommand.self, NetEchoCommand.self, NetBenchCommand.self],
         defaultSubcommand: CyclicTestCommand.self)
 }

@@ -23,6 +23,28 @@ struct ThreadCostSample: Sendable {
                                 involuntarySwitches: usage.ru_nivcsw,
                                 stealNanoseconds: CPUAccounting.stealNanoseconds(cpu: cpu, files: files) ?? 0)
     }
+
+    /// Samples the threads `threads` of this process from outside (their CPU times and
+    /// involuntary switches added up); `cpu` is the CPU whose steal time is read. A thread that
+    /// has ended contributes nothing.
+    static func of(threads: [pid_t], stealOfCPU cpu: Int, files: HostFiles = HostFiles()) -> ThreadCostSample {
+        var cpuTime: UInt64 = 0
+        var switches = 0
+        for thread in threads where thread > 0 {
+            cpuTime += CPUAccounting.threadCPUNanoseconds(thread, files: files) ?? 0
+            switches += files.read("/proc/self/task/\(thread)/status").flatMap(parseInvoluntarySwitches) ?? 0
+        }
+        return ThreadCostSample(wallNanoseconds: monotonicNanoseconds(), cpuNanoseconds: cpuTime, involuntarySwitches: switches,
+                                stealNanoseconds: CPUAccounting.stealNanoseconds(cpu: cpu, files: files) ?? 0)
+    }
+
+    /// `nonvoluntary_ctxt_switches` of a `/proc/.../status` file.
+    static func parseInvoluntarySwitches(_ text: String) -> Int? {
+        for line in text.split(separator: "\n") where line.hasPrefix("nonvoluntary_ctxt_switches:") {
+            return Int(line.dropFirst("nonvoluntary_ctxt_switches:".count).trimmingCharacters(in: .whitespaces))
+        }
+        return nil
+    }
 }
 
 /// What a thread used between two samples, added up over rounds.

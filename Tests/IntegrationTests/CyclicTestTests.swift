@@ -289,11 +289,7 @@ final class CyclicPlotTests: XCTestCase {
 /// guests and the per-round bookkeeping are exercised. Counts only; no timing is asserted.
 final class CyclicTestPathTests: XCTestCase {
     func testEveryPathRunsTwoRoundsAndRecordsEveryPeriod() throws {
-        let system: KVMSystem
-        do { system = try KVMSystem() } catch {
-            if ProcessInfo.processInfo.environment["RTVIRT_REQUIRE_REAL"] == "1" { throw error }
-            throw XCTSkip("cyclictest path test skipped: /dev/kvm is not available (\(error))")
-        }
+        let system = try openKVMOrSkip("cyclictest path test")
         let cpu = try ThreadScheduling.affinity().cpus.last ?? 0
         // SCHED_OTHER and no mlockall: the test process keeps its own scheduling and memory.
         let settings = CyclicSettings(intervalMicroseconds: 1000, policy: RealtimePolicy(schedulingClass: .other(), cpus: CPUSet([cpu]),
@@ -359,4 +355,15 @@ private func inflate(_ compressed: [UInt8]) throws -> [UInt8] {
     }
     guard status == Z_OK else { throw NSError(domain: "zlib", code: Int(status)) }
     return Array(output.prefix(Int(capacity)))
+}
+
+/// Opens /dev/kvm, or skips `test` saying what is missing (a failure under `RTVIRT_REQUIRE_REAL=1`).
+func openKVMOrSkip(_ test: String) throws -> KVMSystem {
+    do {
+        return try KVMSystem()
+    } catch .deviceMissing(let path) {
+        throw unavailable("\(test) skipped: \(path) is not present")
+    } catch .permissionDenied(let path) {
+        throw unavailable("\(test) skipped: no permission to open \(path)")
+    }
 }

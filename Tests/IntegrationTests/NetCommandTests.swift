@@ -12,15 +12,17 @@ import XCTest
 /// flock /tmp/rtvirt-hw.lock).
 final class NetCommandTests: XCTestCase {
     func requirements() throws {
-        guard geteuid() == 0 else { throw XCTSkip("net commands need root for network namespaces") }
-        do { _ = try KVMSystem() } catch { throw XCTSkip("/dev/kvm is not available (\(error))") }
-        guard access("/usr/sbin/ip", X_OK) == 0 || access("/sbin/ip", X_OK) == 0 else { throw XCTSkip("iproute2 is not installed") }
+        guard geteuid() == 0 else { throw unavailable("net command test skipped: network namespaces need root") }
+        _ = try openKVMOrSkip("net command test")
+        guard access("/usr/sbin/ip", X_OK) == 0 || access("/sbin/ip", X_OK) == 0 else {
+            throw unavailable("net command test skipped: iproute2 is not installed")
+        }
     }
 
     func testNetBenchMeasuresBothEchoesAndCleansUp() throws {
         try requirements()
         let cpus = try ThreadScheduling.affinity().cpus
-        guard let first = cpus.first, let last = cpus.last else { throw XCTSkip("no CPU") }
+        guard let first = cpus.first, let last = cpus.last else { throw unavailable("net-bench test skipped: no CPU in this process's affinity") }
         let report = try NetBenchCommand.measure(batch: 16, size: 64, window: 32, rounds: 1, roundSeconds: 0.3, cpu: last, clientCPU: first)
         print("net-bench (short): host \(report.hostPps) pps, guest \(report.guestPps) pps, ratio \(report.ratio), batch \(report.batch)")
         XCTAssertGreaterThan(report.hostPps, 0, "the host echo answered")

@@ -3,14 +3,20 @@ import Glibc
 #endif
 import Foundation
 import RTVirtCore
+import RTVirtTesting
 import VMRPCSockets
 import XCTest
 
+/// A skip for a host feature that is absent (a failure under `RTVIRT_REQUIRE_REAL=1`).
+func unavailable(_ message: String) -> any Error {
+    RealHostRequirement.isRequired ? RealHostRequirement.Missing(message) : XCTSkip(message)
+}
+
 /// Skips unless the test runs as root with iproute2 (namespaces and veths need both).
 func requireNamespaces() throws {
-    guard getuid() == 0 else { throw XCTSkip("network namespaces need root") }
+    guard getuid() == 0 else { throw unavailable("network namespace test skipped: namespaces need root") }
     guard ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"].contains(where: { (path: String) in access(path, X_OK) == 0 }) else {
-        throw XCTSkip("iproute2 (ip) is not installed")
+        throw unavailable("network namespace test skipped: iproute2 (ip) is not installed")
     }
 }
 

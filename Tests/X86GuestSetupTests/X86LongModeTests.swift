@@ -1,4 +1,5 @@
 import KVMBackend
+import PacketRing
 import RTVirtCore
 import RTVirtGuestImage
 import XCTest
@@ -97,6 +98,8 @@ final class X86LongModeTests: XCTestCase {
             let literal = parts[2].lowercased()
             defines[String(parts[1])] = literal.hasPrefix("0x") ? UInt64(literal.dropFirst(2), radix: 16) : UInt64(literal)
         }
+        let ring = GuestLayout.packetRingLayout(forVCPU: 0)
+        let base = GuestLayout.dataBuffer(forVCPU: 0).rawValue
         let expected: [String: UInt64] = [
             "GUEST_GDT_ADDRESS": GuestLayout.gdtAddress.rawValue, "GUEST_TSS_ADDRESS": GuestLayout.tssAddress.rawValue,
             "GUEST_IDT_ADDRESS": GuestLayout.idtAddress.rawValue, "GUEST_PAGE_TABLE_ADDRESS": GuestLayout.pageTableAddress.rawValue,
@@ -111,6 +114,12 @@ final class X86LongModeTests: XCTestCase {
             "GUEST_PORT_INPUT": UInt64(GuestLayout.inputPort), "GUEST_STATUS_BAD_MODE": GuestLayout.badModeStatus,
             "GUEST_PROC_COUNT": UInt64(GuestLayout.countProcedure), "GUEST_STATUS_COUNT_MISMATCH": GuestLayout.countMismatchStatus,
             "GUEST_STATUS_NO_EXITLESS": GuestLayout.noExitlessStatus,
+            "GUEST_PORT_RING_DOORBELL": UInt64(GuestLayout.ringDoorbellPort), "GUEST_RING_VECTOR": UInt64(GuestLayout.ringVector),
+            "GUEST_RING_ENTRIES": UInt64(GuestLayout.ringEntries), "GUEST_RING_SLOT_SIZE": UInt64(GuestLayout.ringSlotSize),
+            "GUEST_RING_SLOT_SHIFT": UInt64(GuestLayout.ringSlotSize.trailingZeroBitCount),
+            "GUEST_RING_RX_PRODUCED": ring.receiveProduced.rawValue - base, "GUEST_RING_RX_CONSUMED": ring.receiveConsumed.rawValue - base,
+            "GUEST_RING_TX_PRODUCED": ring.transmitProduced.rawValue - base, "GUEST_RING_TX_CONSUMED": ring.transmitConsumed.rawValue - base,
+            "GUEST_RING_TX_DESCRIPTORS": ring.transmitDescriptors.rawValue - base, "GUEST_RING_RX_SLOTS": ring.receiveSlots.rawValue - base,
         ]
         for (name, value) in expected { XCTAssertEqual(defines[name], value, name) }
         for mode in BundledGuestMode.allCases {
@@ -129,6 +138,8 @@ final class X86LongModeTests: XCTestCase {
         XCTAssertGreaterThan(GuestLayout.stackPointer(forVCPU: GuestLayout.maximumVCPUs) , GuestLayout.imageAddress.rawValue + 0x10000)
         XCTAssertLessThanOrEqual(GuestLayout.rpcSlotsAddress.rawValue + UInt64(GuestLayout.maximumVCPUs) * 4096, GuestLayout.dataAddress.rawValue)
         XCTAssertLessThanOrEqual(GuestLayout.dataBuffer(forVCPU: GuestLayout.maximumVCPUs).rawValue, BundledGuestMachine.defaultMemorySize)
+        // The ring echo's rings fit its data buffer.
+        XCTAssertLessThanOrEqual(ring.receiveSlot(ring.entries - 1).rawValue + UInt64(ring.slotSize), base + GuestLayout.dataSize)
         // The TSS and its bitmap must end before the kernel stack and the image.
         XCTAssertLessThanOrEqual(GuestLayout.tssAddress.rawValue + UInt64(X86LongMode.taskStateSegmentSize), GuestLayout.kernelStackTop - 0x1000)
         XCTAssertLessThanOrEqual(GuestLayout.pageTableAddress.rawValue + 6 * 0x1000, GuestLayout.tssAddress.rawValue)

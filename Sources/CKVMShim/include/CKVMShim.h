@@ -52,6 +52,7 @@ enum rtv_kvm_capability {
     RTV_CAP_GET_TSC_KHZ = KVM_CAP_GET_TSC_KHZ,
     RTV_CAP_MP_STATE = KVM_CAP_MP_STATE,
     RTV_CAP_SIGNAL_MSI = KVM_CAP_SIGNAL_MSI,
+    RTV_CAP_IRQ_ROUTING = KVM_CAP_IRQ_ROUTING,
     RTV_CAP_VCPU_ATTRIBUTES = 127, // KVM_CAP_VCPU_ATTRIBUTES, Linux 5.16 (older headers lack it)
 };
 
@@ -77,6 +78,22 @@ static inline int rtv_kvm_irqfd_assign(int vmfd, int eventfd, uint32_t gsi, int 
     struct kvm_irqfd irqfd = { .fd = (uint32_t)eventfd, .gsi = gsi, .flags = deassign ? KVM_IRQFD_FLAG_DEASSIGN : 0 };
     return ioctl(vmfd, KVM_IRQFD, &irqfd);
 }
+/// One entry of a GSI routing table: an interrupt line of the in-kernel PIC (chip 0, 1) or
+/// IOAPIC (chip 2) with its pin, or an MSI (address, data).
+struct rtv_kvm_route {
+    uint32_t gsi;
+    uint32_t is_msi;
+    uint32_t chip;
+    uint32_t pin;
+    uint64_t msi_address;
+    uint32_t msi_data;
+    uint32_t reserved;
+};
+
+/// KVM_SET_GSI_ROUTING with `count` entries (replacing the whole table). Returns what ioctl(2)
+/// returns, or -1 with errno ENOMEM / EINVAL when the table cannot be built.
+int rtv_kvm_set_gsi_routing(int vmfd, const struct rtv_kvm_route *routes, uint32_t count);
+
 enum rtv_kvm_mp_state {
     RTV_MP_STATE_RUNNABLE = KVM_MP_STATE_RUNNABLE,
     RTV_MP_STATE_UNINITIALIZED = KVM_MP_STATE_UNINITIALIZED,

@@ -73,43 +73,6 @@ uint32_t rtv_ts_capability_tx_hardware(void) { return SOF_TIMESTAMPING_TX_HARDWA
 uint32_t rtv_ts_capability_rx_hardware(void) { return SOF_TIMESTAMPING_RX_HARDWARE; }
 uint32_t rtv_ts_capability_raw_hardware(void) { return SOF_TIMESTAMPING_RAW_HARDWARE; }
 
-static int to_sockaddr(const struct rtv_sock_endpoint *endpoint, struct sockaddr_storage *storage, socklen_t *length) {
-    memset(storage, 0, sizeof(*storage));
-    if (endpoint->family == 4) {
-        struct sockaddr_in *in = (struct sockaddr_in *)storage;
-        in->sin_family = AF_INET;
-        in->sin_port = htons(endpoint->port);
-        memcpy(&in->sin_addr, endpoint->address, 4);
-        *length = sizeof(*in);
-        return 0;
-    }
-    if (endpoint->family == 6) {
-        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)storage;
-        in6->sin6_family = AF_INET6;
-        in6->sin6_port = htons(endpoint->port);
-        in6->sin6_scope_id = endpoint->scope_id;
-        memcpy(&in6->sin6_addr, endpoint->address, 16);
-        *length = sizeof(*in6);
-        return 0;
-    }
-    return -EAFNOSUPPORT;
-}
-
-static void from_sockaddr(const struct sockaddr_storage *storage, socklen_t length, struct rtv_sock_endpoint *endpoint) {
-    memset(endpoint, 0, sizeof(*endpoint));
-    if (storage->ss_family == AF_INET && length >= sizeof(struct sockaddr_in)) {
-        const struct sockaddr_in *in = (const struct sockaddr_in *)storage;
-        endpoint->family = 4;
-        endpoint->port = ntohs(in->sin_port);
-        memcpy(endpoint->address, &in->sin_addr, 4);
-    } else if (storage->ss_family == AF_INET6 && length >= sizeof(struct sockaddr_in6)) {
-        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)storage;
-        endpoint->family = 6;
-        endpoint->port = ntohs(in6->sin6_port);
-        endpoint->scope_id = in6->sin6_scope_id;
-        memcpy(endpoint->address, &in6->sin6_addr, 16);
-    }
-}
 
 static int64_t nanoseconds(const struct timespec *time) {
     return (int64_t)time->tv_sec * 1000000000 + time->tv_nsec;
@@ -132,7 +95,7 @@ static void read_stamp(struct msghdr *message, struct rtv_ts_stamp *stamp) {
 long rtv_ts_send(int fd, const void *data, size_t length, const struct rtv_sock_endpoint *destination, int64_t id) {
     struct sockaddr_storage storage;
     socklen_t address_length;
-    int r = to_sockaddr(destination, &storage, &address_length);
+    int r = rtv_sock_to_sockaddr(destination, &storage, &address_length);
     if (r) return r;
     struct iovec vector = { .iov_base = (void *)data, .iov_len = length };
     union { char buffer[CMSG_SPACE(sizeof(uint32_t))]; struct cmsghdr align; } control;
@@ -162,7 +125,7 @@ long rtv_ts_receive(int fd, void *data, size_t capacity, struct rtv_sock_endpoin
                               .msg_control = control.buffer, .msg_controllen = sizeof(control.buffer) };
     ssize_t received = recvmsg(fd, &message, MSG_DONTWAIT);
     if (received < 0) return -errno;
-    from_sockaddr(&storage, message.msg_namelen, source);
+    rtv_sock_from_sockaddr(&storage, message.msg_namelen, source);
     read_stamp(&message, stamp);
     *truncated = (message.msg_flags & MSG_TRUNC) ? 1 : 0;
     return (long)received;
@@ -214,14 +177,14 @@ long rtv_udp_receive_blocking(int fd, void *data, size_t capacity, struct rtv_so
     memset(&storage, 0, sizeof(storage));
     ssize_t received = recvfrom(fd, data, capacity, 0, (struct sockaddr *)&storage, &length);
     if (received < 0) return -errno;
-    from_sockaddr(&storage, length, source);
+    rtv_sock_from_sockaddr(&storage, length, source);
     return (long)received;
 }
 
 long rtv_udp_send_blocking(int fd, const void *data, size_t length, const struct rtv_sock_endpoint *destination) {
     struct sockaddr_storage storage;
     socklen_t address_length;
-    int r = to_sockaddr(destination, &storage, &address_length);
+    int r = rtv_sock_to_sockaddr(destination, &storage, &address_length);
     if (r) return r;
     ssize_t sent = sendto(fd, data, length, MSG_NOSIGNAL, (struct sockaddr *)&storage, address_length);
     return sent >= 0 ? (long)sent : -errno;

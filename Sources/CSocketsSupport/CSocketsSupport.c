@@ -13,7 +13,7 @@ int rtv_sock_setns_net(int fd) { return setns(fd, CLONE_NEWNET) == 0 ? 0 : -errn
 
 int rtv_sock_unshare_net(void) { return unshare(CLONE_NEWNET) == 0 ? 0 : -errno; }
 
-static int to_sockaddr(const struct rtv_sock_endpoint *endpoint, struct sockaddr_storage *storage, socklen_t *length) {
+int rtv_sock_to_sockaddr(const struct rtv_sock_endpoint *endpoint, struct sockaddr_storage *storage, socklen_t *length) {
     memset(storage, 0, sizeof(*storage));
     if (endpoint->family == 4) {
         struct sockaddr_in *in = (struct sockaddr_in *)storage;
@@ -35,7 +35,7 @@ static int to_sockaddr(const struct rtv_sock_endpoint *endpoint, struct sockaddr
     return -EAFNOSUPPORT;
 }
 
-static void from_sockaddr(const struct sockaddr_storage *storage, socklen_t length, struct rtv_sock_endpoint *endpoint) {
+void rtv_sock_from_sockaddr(const struct sockaddr_storage *storage, socklen_t length, struct rtv_sock_endpoint *endpoint) {
     memset(endpoint, 0, sizeof(*endpoint));
     if (storage->ss_family == AF_INET && length >= sizeof(struct sockaddr_in)) {
         const struct sockaddr_in *in = (const struct sockaddr_in *)storage;
@@ -75,7 +75,7 @@ int rtv_sock_close(int fd) { return close(fd) == 0 ? 0 : -errno; }
 int rtv_sock_bind(int fd, const struct rtv_sock_endpoint *endpoint) {
     struct sockaddr_storage storage;
     socklen_t length;
-    int r = to_sockaddr(endpoint, &storage, &length);
+    int r = rtv_sock_to_sockaddr(endpoint, &storage, &length);
     if (r) return r;
     return bind(fd, (struct sockaddr *)&storage, length) == 0 ? 0 : -errno;
 }
@@ -83,7 +83,7 @@ int rtv_sock_bind(int fd, const struct rtv_sock_endpoint *endpoint) {
 int rtv_sock_connect(int fd, const struct rtv_sock_endpoint *endpoint) {
     struct sockaddr_storage storage;
     socklen_t length;
-    int r = to_sockaddr(endpoint, &storage, &length);
+    int r = rtv_sock_to_sockaddr(endpoint, &storage, &length);
     if (r) return r;
     return connect(fd, (struct sockaddr *)&storage, length) == 0 ? 0 : -errno;
 }
@@ -95,7 +95,7 @@ int rtv_sock_accept(int fd, struct rtv_sock_endpoint *peer) {
     socklen_t length = sizeof(storage);
     int client = accept4(fd, (struct sockaddr *)&storage, &length, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (client < 0) return -errno;
-    from_sockaddr(&storage, length, peer);
+    rtv_sock_from_sockaddr(&storage, length, peer);
     return client;
 }
 
@@ -110,7 +110,7 @@ int rtv_sock_name(int fd, int peer, struct rtv_sock_endpoint *endpoint) {
     socklen_t length = sizeof(storage);
     int r = peer ? getpeername(fd, (struct sockaddr *)&storage, &length) : getsockname(fd, (struct sockaddr *)&storage, &length);
     if (r != 0) return -errno;
-    from_sockaddr(&storage, length, endpoint);
+    rtv_sock_from_sockaddr(&storage, length, endpoint);
     return 0;
 }
 
@@ -119,7 +119,7 @@ long rtv_sock_send(int fd, const void *data, size_t length, const struct rtv_soc
     if (endpoint) {
         struct sockaddr_storage storage;
         socklen_t address_length;
-        int r = to_sockaddr(endpoint, &storage, &address_length);
+        int r = rtv_sock_to_sockaddr(endpoint, &storage, &address_length);
         if (r) return r;
         sent = sendto(fd, data, length, MSG_DONTWAIT | MSG_NOSIGNAL, (struct sockaddr *)&storage, address_length);
     } else {
@@ -136,7 +136,7 @@ long rtv_sock_receive(int fd, void *data, size_t capacity, struct rtv_sock_endpo
     struct msghdr message = { .msg_name = &storage, .msg_namelen = length, .msg_iov = &vector, .msg_iovlen = 1 };
     ssize_t received = recvmsg(fd, &message, MSG_DONTWAIT);
     if (received < 0) return -errno;
-    from_sockaddr(&storage, message.msg_namelen, source);
+    rtv_sock_from_sockaddr(&storage, message.msg_namelen, source);
     *truncated = (message.msg_flags & MSG_TRUNC) ? 1 : 0;
     return (long)received;
 }
@@ -162,7 +162,7 @@ int rtv_sock_receive_batch(int fd, struct rtv_sock_datagram *datagrams, unsigned
     for (int i = 0; i < received; i++) {
         datagrams[i].length = messages[i].msg_len;
         datagrams[i].truncated = (messages[i].msg_hdr.msg_flags & MSG_TRUNC) ? 1 : 0;
-        from_sockaddr(&addresses[i], messages[i].msg_hdr.msg_namelen, &datagrams[i].endpoint);
+        rtv_sock_from_sockaddr(&addresses[i], messages[i].msg_hdr.msg_namelen, &datagrams[i].endpoint);
     }
     return received;
 }
@@ -180,7 +180,7 @@ int rtv_sock_send_batch(int fd, struct rtv_sock_datagram *datagrams, unsigned co
         messages[i].msg_hdr.msg_iovlen = 1;
         if (datagrams[i].endpoint.family != 0) {
             socklen_t length;
-            int r = to_sockaddr(&datagrams[i].endpoint, &addresses[i], &length);
+            int r = rtv_sock_to_sockaddr(&datagrams[i].endpoint, &addresses[i], &length);
             if (r) return r;
             messages[i].msg_hdr.msg_name = &addresses[i];
             messages[i].msg_hdr.msg_namelen = length;

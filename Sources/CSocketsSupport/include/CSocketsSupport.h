@@ -56,4 +56,10 @@ int rtv_sock_set_option(int fd, int option, int value);
 /// The option's value (>= 0) or -errno.
 int rtv_sock_get_option(int fd, int option, int *value);
 
+struct sockaddr_storage;
+/// Fills `storage` (and `*length`) from an endpoint of family 4 or 6; 0, or -EAFNOSUPPORT.
+int rtv_sock_to_sockaddr(const struct rtv_sock_endpoint *endpoint, struct sockaddr_storage *storage, unsigned int *length);
+/// Reads an IPv4 or IPv6 socket address into an endpoint (zeroed for other families).
+void rtv_sock_from_sockaddr(const struct sockaddr_storage *storage, unsigned int length, struct rtv_sock_endpoint *endpoint);
+
 #endif

@@ -33,8 +33,11 @@ public final class VCPURunStatistics: Sendable {
 public protocol VCPUThreadWork: Sendable {
     /// The vCPU the thread runs.
     var vcpu: any VirtualCPU { get }
-    /// Runs `work` on the vCPU's thread at its next exit (kicking the vCPU so there is one).
-    func performOnThread(_ work: @escaping @Sendable () -> Void)
+    /// Runs `work` on the vCPU's thread at its next exit (kicking the vCPU so there is one), or
+    /// before the thread stops running the vCPU, whichever comes first. Returns false, without
+    /// running `work`, when the thread no longer runs the vCPU.
+    @discardableResult
+    func performOnThread(_ work: @escaping @Sendable () -> Void) -> Bool
     /// Asks the thread to stop running the vCPU.
     func requestStop()
 }
@@ -54,7 +57,9 @@ public final class VCPURunLoop: VCPUThreadWork {
     /// Where devices park this vCPU for long polls; a stop cancels such a wait too.
     public let dispatcher: (any VCPUParking)?
     private let stopRequested = Atomic<Bool>(false)
-    private let pendingWork = LockedValue<[@Sendable () -> Void]>([])
+    /// Work for the vCPU's thread, and whether the loop still takes work (false once `run()`
+    /// returned, until it is called again).
+    private let pendingWork = LockedValue<(work: [@Sendable () -> Void], accepting: Bool)>(([], true))
 
     /// A run loop for `vcpu` over `bus`, whose long polls (if any) go through `dispatcher`.
     public init(vcpu: any VirtualCPU, bus: IOBus, dispatcher: (any VCPUParking)? = nil) {
@@ -72,17 +77,37 @@ public final class VCPURunLoop: VCPUThreadWork {
     }
 
     /// Runs `work` on the vCPU's thread at its next exit (the vCPU is kicked so that there is
-    /// one soon; a vCPU parked in a long poll runs it when the poll returns).
-    public func performOnThread(_ work: @escaping @Sendable () -> Void) {
-        pendingWork.withLock { $0.append(work) }
-        vcpu.kick()
+    /// one soon; a vCPU parked in a long poll runs it when the poll returns). Work that is
+    /// queued when the loop stops runs on the thread before `run()` returns, so none is lost.
+    /// Returns false, without running `work`, once `run()` has returned.
+    @discardableResult
+    public func performOnThread(_ work: @escaping @Sendable () -> Void) -> Bool {
+        let queued = pendingWork.withLock { pending -> Bool in
+            guard pending.accepting else { return false }
+            pending.work.append(work)
+            return true
+        }
+        if queued { vcpu.kick() }
+        return queued
     }
 
     /// Whether `requestStop()` has been called.
     public var isStopRequested: Bool { stopRequested.load(ordering: .sequentiallyConsistent) }
 
     /// Runs until the guest stops or `requestStop()` is called. Call on the vCPU's thread.
+    /// Before it returns, it runs the work that `performOnThread` queued and no exit ran yet.
     public func run() -> VCPUStopReason {
+        pendingWork.withLock { $0.accepting = true }
+        let reason = runUntilStopped()
+        let leftover = pendingWork.withLock { pending in
+            defer { pending = ([], false) }
+            return pending.work
+        }
+        for work in leftover { work() }
+        return reason
+    }
+
+    private func runUntilStopped() -> VCPUStopReason {
         let id = vcpu.id
         while !stopRequested.load(ordering: .sequentiallyConsistent) {
             let exit: VCPUExit
@@ -110,7 +135,7 @@ public final class VCPURunLoop: VCPUThreadWork {
                     // Re-arm entry first, then re-check the flag at the loop head: a kick
                     // that lands between the two is seen by one or the other.
                     vcpu.acknowledgeKick()
-                    for work in pendingWork.withLock({ work in defer { work.removeAll() }; return work }) { work() }
+                    for work in pendingWork.withLock({ pending in defer { pending.work.removeAll() }; return pending.work }) { work() }
                 case .halt:
                     return .halted
                 case .shutdown:

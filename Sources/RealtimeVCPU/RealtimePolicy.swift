@@ -218,13 +218,28 @@ public final class RealtimeVCPUScheduler: Sendable {
 
     /// Applies `vcpu`'s deferred policy on its thread at its next exit (the vCPU is kicked).
     /// If it fails and failures are refused, the vCPU is stopped.
-    public func activate(vcpu: Int) {
-        guard let policy = policies[vcpu], let thread = threads.withLock({ $0[vcpu] }) else { return }
-        thread.performOnThread { [self] in
+    ///
+    /// Returns whether the activation was queued: false (and a warning is logged) when `vcpu`
+    /// has no policy, no thread was attached for it, or its thread no longer runs it.
+    @discardableResult
+    public func activate(vcpu: Int) -> Bool {
+        guard let policy = policies[vcpu] else {
+            logger.warning("activate: the vCPU has no real-time policy", metadata: ["vcpu": "\(vcpu)"])
+            return false
+        }
+        guard let thread = threads.withLock({ $0[vcpu] }) else {
+            logger.warning("activate: no thread attached for the vCPU (call attach first)", metadata: ["vcpu": "\(vcpu)"])
+            return false
+        }
+        let queued = thread.performOnThread { [self] in
             if applyOnCurrentThread(vcpu: thread.vcpu, policy: policy) != nil, failureHandling == .refuseToRun {
                 thread.requestStop()
             }
         }
+        if !queued {
+            logger.warning("activate: the vCPU's thread no longer runs it; the policy was not applied", metadata: ["vcpu": "\(vcpu)"])
+        }
+        return queued
     }
 
     /// First lets the hypervisor start the helper tasks of the VM's first run from this thread

@@ -1,3 +1,4 @@
+import Glibc
 import RTVirtCore
 import RTVirtTesting
 import XCTest
@@ -68,6 +69,48 @@ final class RunLoopTests: XCTestCase {
             let thread = try HostThread(name: "kick") { _ = loop.run() }
             loop.requestStop()
             XCTAssertTrue(thread.waitForFinish(timeoutNanoseconds: 5_000_000_000))
+        }
+    }
+
+    func testWorkQueuedBeforeTheLoopEndsRunsOnItsThreadAndLaterWorkIsRefused() throws {
+        let vm = try MockHypervisor().makeMockVirtualMachine()
+        let cpu = try vm.makeMockVCPU(id: 0, script: [.halt])
+        let loop = VCPURunLoop(vcpu: cpu, bus: IOBus())
+        let ranOn = LockedValue<[pthread_t]>([])
+        XCTAssertTrue(loop.performOnThread { ranOn.withLock { $0.append(pthread_self()) } })
+        XCTAssertEqual(loop.run(), .halted)
+        XCTAssertEqual(ranOn.withLock { $0.count }, 1, "queued before the halt: run before run() returned")
+        XCTAssertTrue(ranOn.withLock { pthread_equal($0[0], pthread_self()) != 0 }, "on the loop's thread")
+        XCTAssertFalse(loop.performOnThread { ranOn.withLock { $0.append(pthread_self()) } }, "the loop has ended")
+        XCTAssertEqual(ranOn.withLock { $0.count }, 1, "refused work never runs")
+    }
+
+    func testWorkRacingAStopRunsExactlyWhenAccepted() throws {
+        // Each round: a thread queues work as fast as it can while the loop is stopped. Every
+        // item `performOnThread` accepted must run once; every refused one never.
+        for _ in 0..<100 {
+            let vm = try MockHypervisor().makeMockVirtualMachine()
+            let loop = VCPURunLoop(vcpu: try vm.makeMockVCPU(id: 0), bus: IOBus())
+            let ran = LockedValue<[Int: Int]>([:])
+            let accepted = LockedValue<Set<Int>>([])
+            let runner = try HostThread(name: "loop") { _ = loop.run() }
+            let producer = try HostThread(name: "producer") {
+                for item in 0..<10_000 {
+                    if loop.performOnThread({ ran.withLock { $0[item, default: 0] += 1 } }) {
+                        accepted.withLock { _ = $0.insert(item) }
+                    } else {
+                        return
+                    }
+                }
+            }
+            usleep(100)
+            loop.requestStop()
+            XCTAssertTrue(runner.waitForFinish(timeoutNanoseconds: 5_000_000_000))
+            XCTAssertTrue(producer.waitForFinish(timeoutNanoseconds: 5_000_000_000))
+            let (ranItems, acceptedItems) = (ran.withLock { $0 }, accepted.withLock { $0 })
+            XCTAssertEqual(acceptedItems.subtracting(ranItems.keys).count, 0, "accepted work that never ran")
+            XCTAssertEqual(Set(ranItems.keys).subtracting(acceptedItems).count, 0, "refused work that ran")
+            XCTAssertTrue(ranItems.values.allSatisfy { $0 == 1 }, "each item ran once")
         }
     }
 

@@ -187,6 +187,22 @@ final class RealtimeFailureTests: XCTestCase {
         guard case .failed? = Optional(scheduler.status(vcpu: 0)) else { return XCTFail("\(scheduler.status(vcpu: 0))") }
     }
 
+    func testActivatingAfterTheVCPUStoppedIsRefusedAndReported() throws {
+        let vm = try MockHypervisor().makeMockVirtualMachine()
+        let cpus = try (0..<1).map { try vm.makeMockVCPU(id: $0) } // block until kicked
+        let scheduler = RealtimeVCPUScheduler(policies: [
+            0: RealtimePolicy(schedulingClass: .fifo(priority: 30), activation: .onRequest)])
+        XCTAssertFalse(scheduler.activate(vcpu: 0), "no thread attached yet")
+        XCTAssertFalse(scheduler.activate(vcpu: 5), "no policy for vCPU 5")
+        let runner = try VirtualMachineRunner(vcpus: cpus, bus: IOBus(), onThreadStart: scheduler.threadStarted,
+                                              onThreadEnd: scheduler.threadEnded)
+        scheduler.attach(runner)
+        runner.stopAndWait()
+        XCTAssertFalse(scheduler.activate(vcpu: 0), "the thread no longer runs the vCPU")
+        XCTAssertEqual(scheduler.status(vcpu: 0), .pending, "never applied")
+        XCTAssertNil(scheduler.appliedPolicy(vcpu: 0))
+    }
+
     func testAFailedDeferredPolicyStopsTheVCPU() throws {
         let vm = try MockHypervisor().makeMockVirtualMachine()
         let cpus = try (0..<2).map { try vm.makeMockVCPU(id: $0) } // block until kicked

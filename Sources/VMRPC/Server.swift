@@ -171,8 +171,13 @@ public final class VMRPCServer: Sendable {
         let lateDoorbells = Atomic<UInt64>(0)
         let handoffs = Atomic<UInt64>(0)
         let abandonedHandoffs = Atomic<UInt64>(0)
-        /// A handed-over call waits for its doorbell (mirrors `serving`'s value, for lock-free reads).
+        /// A handed-over call waits for its doorbell (mirrors `serving`'s value, for lock-free
+        /// reads; stored only while `serving` is held, so it never disagrees with it for long).
         let handoffPending = Atomic<Bool>(false)
+        /// The vCPU's doorbell is serving a call of this slot (it may be parked in it for
+        /// seconds): the poller leaves the slot alone meanwhile, and a `posted` word that another
+        /// vCPU wrote into it does not keep the poller awake. Stored only while `serving` is held.
+        let inDoorbell = Atomic<Bool>(false)
         /// Held while a call of this slot is served: the doorbell path waits for it, the poller
         /// only tries. It holds the call handed over to the next doorbell, if any.
         let serving = LockedValue<Handoff?>(nil)
@@ -418,6 +423,8 @@ public final class VMRPCServer: Sendable {
         }
         var tookPostedCall = false
         channel.serving.withLock { handoff in
+            channel.inDoorbell.store(true, ordering: .relaxed)
+            defer { channel.inDoorbell.store(false, ordering: .relaxed) }
             if takePostedCall(channel) {
                 tookPostedCall = true
                 channel.postedDoorbellCalls.wrappingAdd(1, ordering: .relaxed)
@@ -473,6 +480,7 @@ public final class VMRPCServer: Sendable {
         guard features.contains(.exitless), channels.indices.contains(vcpu) else { return .idle }
         let channel = channels[vcpu]
         guard !channel.broken.load(ordering: .relaxed), !channel.handoffPending.load(ordering: .relaxed),
+              !channel.inDoorbell.load(ordering: .relaxed),
               (try? memory.atomicLoad(UInt32.self, at: channel.postedAddress, ordering: .relaxed)) == 1 else { return .idle }
         let served: VMRPCExitlessOutcome? = channel.serving.withLockIfAvailable { handoff in
             guard handoff == nil, takePostedCall(channel) else { return .idle }
@@ -489,6 +497,8 @@ public final class VMRPCServer: Sendable {
             }
             if call.route.blocking {
                 handoff = Handoff(call: call, reply: nil)
+                // Inside the lock: a doorbell that takes the hand-off right after it clears it.
+                channel.handoffPending.store(true, ordering: .relaxed)
                 return .handedOff
             }
             switch invoke(call, vcpu: vcpu, onPoller: true) {
@@ -498,6 +508,7 @@ public final class VMRPCServer: Sendable {
             case .reply(let reply):
                 if case .wait = reply {
                     handoff = Handoff(call: call, reply: reply)
+                    channel.handoffPending.store(true, ordering: .relaxed)
                     return .handedOff
                 }
                 finish(channel, vcpu, call, reply, posted: true)
@@ -512,8 +523,7 @@ public final class VMRPCServer: Sendable {
             if channel.broken.load(ordering: .relaxed) { publishNeedsDoorbell(channel) }
         case .handedOff:
             channel.handoffs.wrappingAdd(1, ordering: .relaxed)
-            channel.handoffPending.store(true, ordering: .relaxed)
-            publishNeedsDoorbell(channel)
+            publishNeedsDoorbell(channel) // from the flags as they are now (the doorbell may have come)
         case .idle, .busy:
             break
         }
@@ -732,10 +742,13 @@ public final class VMRPCServer: Sendable {
     }
 
     /// Whether some slot the poller serves has a posted call (after a full fence, the second
-    /// half of going to sleep).
+    /// half of going to sleep). A slot whose vCPU is inside a doorbell call does not count: the
+    /// vCPU cannot post while it is there, so its `posted` word was written by someone else, and
+    /// the vCPU learns `needs_doorbell` when it posts after the call.
     func hasPostedCall() -> Bool {
         channels.contains { channel in
             !channel.broken.load(ordering: .relaxed) && !channel.handoffPending.load(ordering: .relaxed)
+                && !channel.inDoorbell.load(ordering: .relaxed)
                 && (try? memory.atomicLoad(UInt32.self, at: channel.postedAddress, ordering: .relaxed)) == 1
         }
     }

@@ -264,6 +264,56 @@ final class ExitlessCrossingTests: XCTestCase {
         XCTAssertEqual(guest.results, [2])
     }
 
+    /// While a vCPU sits in a doorbell call (parked in it, here: inside its procedure), another
+    /// vCPU of the guest writes 1 into the first one's `posted` word. The poller neither spins on
+    /// the locked slot nor stays awake for it: it may sleep, and the slot is served once the
+    /// doorbell call is over.
+    func testPostIntoASlotWhoseVCPUIsInADoorbellCallDoesNotKeepThePollerAwake() throws {
+        let entered = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0)
+        let parked = VMRPCProcedure(id: 0x313, name: "parked", argumentLength: 0...0) { _, _ in
+            entered.signal()
+            release.wait()
+            return .done(status: .ok, results: [0x33])
+        }
+        let (harness, poller, guest) = try makeHarness(extra: [parked])
+        try guest.write(0x313, sequence: 7, features: []) // an ordinary call, rung
+        let vcpuThread = try HostThread(name: "test-vcpu") { harness.server.handleDoorbell(vcpu: 0) }
+        entered.wait()
+        try guest.post() // the hostile store from another vCPU
+        XCTAssertEqual(poller.scanOnce(), 0, "the slot is in a doorbell call: left alone")
+        XCTAssertTrue(poller.prepareToSleep(), "a post into a slot in a doorbell call does not keep the poller awake")
+        XCTAssertEqual(guest.needsDoorbell, 1)
+        release.signal()
+        vcpuThread.join()
+        XCTAssertEqual(guest.response?.sequence, 7)
+        XCTAssertEqual(guest.results, [0x33])
+        poller.awaken()
+        XCTAssertEqual(poller.scanOnce(), 1, "after the call, the posted word is served (here: its stale header)")
+    }
+
+    /// The poller hands a blocking call back while the guest, which posted and rang at once,
+    /// is already at the doorbell. Whichever comes first, once the doorbell answered the call
+    /// no hand-off is left pending, so the slot's exitless path stays open. Repeated to shake
+    /// out the interleavings.
+    func testHandoffRacingItsDoorbellLeavesNothingPending() throws {
+        let blocking = VMRPCProcedure(id: 0x314, name: "blocks", argumentLength: 0...0, blocking: true) { _, _ in
+            .wait(LongPollRequest(deadline: 0)) { _ in .done(status: .ok, results: [1]) }
+        }
+        let (harness, poller, guest) = try makeHarness(extra: [blocking])
+        var stuck = 0
+        for round in 1...20_000 {
+            try guest.write(0x314, sequence: UInt32(round))
+            try guest.post()
+            let doorbell = try HostThread(name: "test-vcpu") { harness.server.handleDoorbell(vcpu: 0) }
+            poller.scanOnce()
+            doorbell.join()
+            if guest.completed != UInt32(round) { harness.server.handleDoorbell(vcpu: 0) } // the doorbell came first: ring again
+            XCTAssertEqual(guest.completed, UInt32(round))
+            if harness.server.statistics(vcpu: 0)?.awaitingDoorbell == true { stuck += 1; break }
+        }
+        XCTAssertEqual(stuck, 0, "a hand-off marked pending after its doorbell answered it")
+    }
+
     /// A guest that posts a new call instead of ringing for the handed-back one abandons it:
     /// the poller leaves the slot alone, the doorbell takes the new call and counts the old
     /// one as malformed.

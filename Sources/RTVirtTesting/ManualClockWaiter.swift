@@ -13,6 +13,9 @@ public final class ManualClockWaiter: BlockingWaiter {
     public let readyDescriptors = LockedValue<Set<Int32>>([])
     /// Blocks so far.
     public let blockCount = Atomic<Int>(0)
+    /// Runs at the start of each block, on the blocking thread: what happens "while" a vCPU is
+    /// parked (another vCPU's call, a datagram arriving). Nil: nothing.
+    public let whileBlocked = LockedValue<(@Sendable () -> Void)?>(nil)
 
     /// A waiter that moves `clock`.
     public init(clock: ManualClock, lateness: UInt64 = 0) {
@@ -22,6 +25,7 @@ public final class ManualClockWaiter: BlockingWaiter {
 
     public func block(descriptors: inout [PollDescriptor], untilNanoseconds: UInt64?, clock _: any MonotonicClock) {
         blockCount.wrappingAdd(1, ordering: .relaxed)
+        whileBlocked.withLock { $0 }?()
         let ready = readyDescriptors.withLock { $0 }
         var any = false
         for index in descriptors.indices where ready.contains(descriptors[index].fd) {

@@ -422,7 +422,10 @@ public final class VMRPCSocketService: Sendable {
         @Sendable func look() -> [SocketEvents] {
             var ready = backend.readiness(descriptors).makeIterator()
             return zip(entries, sockets).map { entry, socket -> SocketEvents in
-                guard let socket, table.lookup(entry.handle) === socket, let polled = ready.next() else { return .invalid }
+                guard let socket else { return .invalid }
+                // Every socket found at the start has its result, in order: take it before
+                // deciding, or a socket closed meanwhile would shift the later entries' results.
+                guard let polled = ready.next(), table.lookup(entry.handle) === socket else { return .invalid }
                 var events: SocketEvents = []
                 if polled.returnedEvents & Int16(POLLIN) != 0 { events.insert(.readable) }
                 if polled.returnedEvents & Int16(POLLOUT) != 0 { events.insert(.writable) }

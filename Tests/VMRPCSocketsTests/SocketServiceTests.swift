@@ -232,6 +232,32 @@ final class SocketServiceTests: XCTestCase {
                        [.writable])
     }
 
+    func testWaitReportsEachSocketsOwnEventsWhenAnotherIsClosedDuringThePark() throws {
+        let harness = try SocketHarness()
+        let client = harness.client()
+        let closing = try openUDP(client, port: 7000)
+        let quiet = try openUDP(client, port: 7001)
+        let ready = try openUDP(client, port: 7002)
+        // While vCPU 0 is parked: vCPU 1 closes the first socket, and a datagram reaches the third.
+        let server = harness.server, memory = harness.memory, backend = harness.backend, waiter = harness.waiter
+        harness.waiter.whileBlocked.withLock {
+            $0 = {
+                waiter.whileBlocked.withLock { $0 = nil }
+                let other = SocketGuestClient(VMRPCGuestClient(memory: memory, slot: server.slots.address(ofVCPU: 1)!) {
+                    server.handleDoorbell(vcpu: 1)
+                })
+                XCTAssertEqual(try? other.close(closing).1, SocketResult(.ok))
+                backend.deliver([1], toPort: 7002, from: .at("198.18.0.1", 1))
+                waiter.readyDescriptors.withLock { $0 = [1002] }
+            }
+        }
+        let (status, result) = try client.wait([SocketWaitEntry(handle: closing, events: .readable),
+                                                SocketWaitEntry(handle: quiet, events: .readable),
+                                                SocketWaitEntry(handle: ready, events: .readable)], timeoutNanoseconds: 1_000_000)
+        XCTAssertEqual(status, .ok)
+        XCTAssertEqual(result?.events, [.invalid, [], .readable], "each entry its own socket's events")
+    }
+
     func testOptionsNamesAndShutdown() throws {
         let harness = try SocketHarness()
         let client = harness.client()

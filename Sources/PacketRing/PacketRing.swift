@@ -150,11 +150,10 @@ public final class PacketRing: Sendable {
     public let memory: any GuestMemory
     /// Where the rings are.
     public let layout: PacketRingLayout
-    private struct Cursors {
-        var receiveProduced: UInt32 = 0
-        var transmitConsumed: UInt32 = 0
-    }
-    private let cursors = LockedValue(Cursors())
+    /// The host's cursor of each ring, each under its own lock: sending a burst of transmits
+    /// (up to `entries` datagrams under `transmitConsumed`) never holds up a receiver.
+    private let receiveProduced = LockedValue<UInt32>(0)
+    private let transmitConsumed = LockedValue<UInt32>(0)
     private let counters = LockedValue(PacketRingStatistics())
 
     /// A ring pair over `memory`.
@@ -181,7 +180,8 @@ public final class PacketRing: Sendable {
                 try memory.atomicStore(UInt32(0), at: address, ordering: .sequentiallyConsistent)
             }
         } catch { throw .memory(error) }
-        cursors.withLock { $0 = Cursors() }
+        receiveProduced.withLock { $0 = 0 }
+        transmitConsumed.withLock { $0 = 0 }
     }
 
     /// The counters so far.
@@ -189,7 +189,7 @@ public final class PacketRing: Sendable {
 
     /// Free receive slots now (0 when the guest's consumed index is impossible).
     public func freeReceiveSlots() -> Int {
-        let produced = cursors.withLock { $0.receiveProduced }
+        let produced = receiveProduced.withLock { $0 }
         guard let consumed = try? memory.atomicLoad(UInt32.self, at: layout.receiveConsumed, ordering: .acquiring) else { return 0 }
         let outstanding = produced &- consumed
         guard outstanding <= layout.entries else {
@@ -216,7 +216,7 @@ public final class PacketRing: Sendable {
     /// receiver may write several and publish them together (one interrupt for a burst).
     public func deliver(scratch: UnsafeMutableRawBufferPointer,
                         _ receive: (UnsafeMutableRawBufferPointer) -> (length: Int, truncated: Bool, source: SocketEndpoint)?) -> Delivery {
-        let pending = cursors.withLock { $0.receiveProduced }
+        let pending = receiveProduced.withLock { $0 }
         let published = (try? memory.atomicLoad(UInt32.self, at: layout.receiveProduced, ordering: .relaxed)) ?? pending
         let consumed = (try? memory.atomicLoad(UInt32.self, at: layout.receiveConsumed, ordering: .acquiring)) ?? pending
         // Slots written but not published count as taken too.
@@ -248,7 +248,7 @@ public final class PacketRing: Sendable {
             return .nothing
         }
         guard let result else { return .nothing }
-        cursors.withLock { $0.receiveProduced = pending &+ 1 }
+        receiveProduced.withLock { $0 = pending &+ 1 }
         counters.withLock {
             $0.delivered += 1
             if result.truncated { $0.truncated += 1 }
@@ -265,7 +265,7 @@ public final class PacketRing: Sendable {
     /// whether there was anything new, that is whether the guest needs an interrupt.
     @discardableResult
     public func publish() -> Bool {
-        let pending = cursors.withLock { $0.receiveProduced }
+        let pending = receiveProduced.withLock { $0 }
         let published = (try? memory.atomicLoad(UInt32.self, at: layout.receiveProduced, ordering: .relaxed)) ?? pending
         guard published != pending else { return false }
         try? memory.atomicStore(pending, at: layout.receiveProduced, ordering: .releasing)
@@ -281,14 +281,14 @@ public final class PacketRing: Sendable {
     /// Returns how many descriptors were taken. Call from one thread at a time (the vCPU's, in a doorbell).
     @discardableResult
     public func takeTransmits(_ send: (PacketRingTransmit) -> TransmitOutcome) -> Int {
-        cursors.withLock { cursors -> Int in
-            let consumed = cursors.transmitConsumed
+        transmitConsumed.withLock { transmitConsumed -> Int in
+            let consumed = transmitConsumed
             guard let produced = try? memory.atomicLoad(UInt32.self, at: layout.transmitProduced, ordering: .acquiring) else { return 0 }
             let available = produced &- consumed
             guard available <= layout.entries else {
                 // Impossible: the guest claims more than the ring holds. Take nothing, skip to its index.
                 counters.withLock { $0.invalidIndices += 1 }
-                cursors.transmitConsumed = produced
+                transmitConsumed = produced
                 try? memory.atomicStore(produced, at: layout.transmitConsumed, ordering: .releasing)
                 return 0
             }
@@ -304,7 +304,7 @@ public final class PacketRing: Sendable {
                 case .failed: statistics.transmitFailed += 1
                 }
             }
-            cursors.transmitConsumed = produced
+            transmitConsumed = produced
             try? memory.atomicStore(produced, at: layout.transmitConsumed, ordering: .releasing)
             counters.withLock {
                 $0.transmitted += statistics.transmitted

@@ -1,3 +1,4 @@
+import Dispatch
 import PacketRing
 import RTVirtCore
 import VMRPC
@@ -113,6 +114,44 @@ final class PacketRingTests: XCTestCase {
         XCTAssertEqual(try memory.read(UInt32.self, at: ring.layout.transmitConsumed), 2)
         XCTAssertEqual(ring.takeTransmits { _ in XCTFail("nothing new"); return .sent }, 0)
         XCTAssertEqual(ring.statistics.transmitted, 2)
+    }
+
+    /// A burst of transmits being sent (here: a send that does not return until released)
+    /// does not hold up the receiver: `deliver` and `publish` go on meanwhile.
+    func testSendingTransmitsDoesNotBlockDelivery() throws {
+        let (memory, ring) = try makeRing()
+        _ = deliver(ring, [1])
+        ring.publish()
+        try guestTransmit(memory, ring, descriptors: [ring.layout.receiveSlot(0).rawValue])
+        let sending = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0)
+        let sender = try HostThread(name: "test-tx") {
+            ring.takeTransmits { _ in
+                sending.signal()
+                release.wait()
+                return .sent
+            }
+        }
+        sending.wait()
+        let delivered = LockedValue<PacketRing.Delivery?>(nil)
+        let source = self.source
+        let receiver = try HostThread(name: "test-rx") {
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
+            defer { scratch.deallocate() }
+            let delivery = ring.deliver(scratch: scratch) { buffer in
+                buffer[0] = 2
+                return (1, false, source)
+            }
+            delivered.withLock { $0 = delivery }
+            ring.publish()
+        }
+        // Hang detector (not a timing assertion): the receiver finishes while the send is held.
+        let finished = receiver.waitForFinish(timeoutNanoseconds: 30_000_000_000)
+        release.signal()
+        sender.join()
+        receiver.join()
+        XCTAssertTrue(finished, "delivery waited for the transmit burst")
+        XCTAssertEqual(delivered.withLock { $0 }, .delivered(length: 1, truncated: false))
+        XCTAssertEqual(ring.statistics.transmitted, 1)
     }
 
     func testHostileDescriptorsSendNothing() throws {

@@ -73,7 +73,8 @@ public struct GuestTSCMapping: Equatable, Sendable {
     /// anchored on `sample`: the time the mapping gives, plus its offset error bound.
     public func monotonicNanoseconds(forGuestTSC guestTSC: UInt64, anchor sample: HostClockSample) -> UInt64 {
         let ticks = Int64(bitPattern: guestTSC &- self.guestTSC(at: sample))
-        let nanoseconds = (Double(ticks) + Double(offsetErrorBound)) * 1e9 / Double(frequencyHz)
+        // A frequency of 0 (a mapping the VMM filled in wrongly) counts as 1 Hz: never a NaN.
+        let nanoseconds = (Double(ticks) + Double(offsetErrorBound)) * 1e9 / Double(max(frequencyHz, 1))
         let result = Double(sample.monotonicNanoseconds) + nanoseconds
         return result <= 0 ? 0 : result >= Double(UInt64.max) ? UInt64.max : UInt64(result)
     }

@@ -64,7 +64,7 @@ public enum VMRPCStandardProcedures {
             var release = deadline
             if let arrival = sleep.previousArrival, estimators.indices.contains(context.vcpuID) {
                 let estimator = estimators[context.vcpuID]
-                estimator.record(arrivalNanoseconds: Double(arrival) * 1e9 / Double(mapping.frequencyHz))
+                estimator.record(arrivalNanoseconds: Double(arrival) * 1e9 / Double(max(mapping.frequencyHz, 1)))
                 release = deadline - min(deadline, estimator.earlyRelease(forDeadline: deadline))
             }
             return .wait(LongPollRequest(deadline: release)) { result in

@@ -32,6 +32,14 @@ final class GuestTSCMappingTests: XCTestCase {
         XCTAssertEqual(GuestTSCMapping(frequencyHz: 2_000_000_000, guestOffset: 0, offsetErrorBound: 5_000).offsetErrorBoundNanoseconds, 2_500)
     }
 
+    /// A zero frequency (a mapping filled in wrongly) converts without trapping: 0 / 0 would be
+    /// a NaN, which `UInt64(_:)` traps on.
+    func testZeroFrequencyNeverTraps() {
+        let mapping = GuestTSCMapping(frequencyHz: 0, guestOffset: 0)
+        XCTAssertEqual(mapping.monotonicNanoseconds(forGuestTSC: anchor.hostTSC, anchor: anchor), anchor.monotonicNanoseconds)
+        XCTAssertEqual(mapping.monotonicNanoseconds(forGuestTSC: anchor.hostTSC + 1, anchor: anchor), anchor.monotonicNanoseconds + 1_000_000_000)
+    }
+
     func testHostClockSampleBracketsItsTSC() {
         for _ in 0..<1_000 {
             let before = rtv_rdtsc()

@@ -273,13 +273,23 @@ public final class RealtimeVCPUScheduler: Sendable {
     /// Applies `vcpu`'s deferred policy on its thread at its next exit (the vCPU is kicked).
     /// If it fails and failures are refused, the vCPU is stopped.
     ///
-    /// Returns whether the activation was queued: false (and a warning is logged) when `vcpu`
-    /// has no policy, no thread was attached for it, or its thread no longer runs it.
+    /// Activating a vCPU whose policy is already applied does nothing and returns true: the
+    /// policy is in force, and the state saved when it was applied (what the thread is
+    /// restored to when it ends) is kept. The same holds for an activation that reaches the
+    /// thread after an earlier one applied the policy.
+    ///
+    /// Returns whether the policy was queued or is already applied: false (and a warning is
+    /// logged) when `vcpu` has no policy, no thread was attached for it, or its thread no
+    /// longer runs it.
     @discardableResult
     public func activate(vcpu: Int) -> Bool {
         guard let policy = policies[vcpu] else {
             logger.warning("activate: the vCPU has no real-time policy", metadata: ["vcpu": "\(vcpu)"])
             return false
+        }
+        if isApplied(vcpu) {
+            logger.debug("activate: the real-time policy is already applied", metadata: ["vcpu": "\(vcpu)"])
+            return true
         }
         guard let thread = threads.withLock({ $0[vcpu] }) else {
             logger.warning("activate: no thread attached for the vCPU (call attach first)", metadata: ["vcpu": "\(vcpu)"])
@@ -296,10 +306,18 @@ public final class RealtimeVCPUScheduler: Sendable {
         return queued
     }
 
+    /// Whether `vcpu`'s policy is applied now (a saved state waits for the restore).
+    private func isApplied(_ vcpu: Int) -> Bool { states.withLock { $0[vcpu]?.saved != nil } }
+
     /// First lets the hypervisor start the helper tasks of the VM's first run from this thread
     /// while it is still an ordinary thread (`VirtualCPU.prepareHostThread`), then applies.
     /// Returns the failure, if any (already logged).
     private func applyOnCurrentThread(vcpu: any VirtualCPU, policy: RealtimePolicy) -> RealtimePolicyFailure? {
+        // Applying again would save the real-time state as the thread's own: keep the first.
+        if isApplied(vcpu.id) {
+            logger.debug("real-time policy already applied", metadata: ["vcpu": "\(vcpu.id)"])
+            return nil
+        }
         do {
             try vcpu.prepareHostThread()
             let saved = try RealtimeThreadPolicy.apply(policy, partition: partition)
@@ -312,7 +330,11 @@ public final class RealtimeVCPUScheduler: Sendable {
                                   "thread": "\(saved.threadID)"])
             return nil
         } catch {
-            states.withLock { $0[vcpu.id] = VCPUState(status: .failed("\(error)"), saved: nil) }
+            states.withLock { states in
+                // Never discard a saved state: the thread would not be restored.
+                guard states[vcpu.id]?.saved == nil else { return }
+                states[vcpu.id] = VCPUState(status: .failed("\(error)"), saved: nil)
+            }
             let failure = RealtimePolicyFailure(vcpu: vcpu.id, reason: "\(error)")
             switch failureHandling {
             case .refuseToRun:

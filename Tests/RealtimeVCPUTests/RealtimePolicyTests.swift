@@ -303,3 +303,63 @@ final class RealtimeRestoreTests: XCTestCase {
     }
 }
 
+/// A deferred policy activated more than once keeps the state saved the first time.
+final class RealtimeReactivationTests: XCTestCase {
+    /// A partition whose assignments after the first fail.
+    final class FirstAssignmentOnly: CPUPartitionAssigner {
+        let assignments = LockedValue(0)
+        func assignRealtimeThread(_ threadID: pid_t) throws {
+            let count = assignments.withLock { count -> Int in
+                count += 1
+                return count
+            }
+            if count > 1 { throw SchedulingError.invalid(what: "a second assignment (test)") }
+        }
+        func releaseThread(_ threadID: pid_t) throws {}
+    }
+
+    /// Runs one never-exiting mock vCPU with a deferred FIFO policy; `activations` activates
+    /// it; returns the class, reset-on-fork flag and status its thread had once it ended.
+    func runActivated(partition: (any CPUPartitionAssigner)? = nil,
+                      _ activations: (RealtimeVCPUScheduler) -> Void) throws -> (SchedulingClass?, RealtimeVCPUScheduler.Status) {
+        let vm = try MockHypervisor().makeMockVirtualMachine()
+        let cpu = try vm.makeMockVCPU(id: 0) // blocks until kicked
+        let scheduler = RealtimeVCPUScheduler(policies: [0: RealtimePolicy(schedulingClass: .fifo(priority: 30), activation: .onRequest)],
+                                              partition: partition)
+        let atEnd = LockedValue<SchedulingClass?>(nil)
+        let runner = try VirtualMachineRunner(vcpus: [cpu], bus: IOBus(), onThreadStart: scheduler.threadStarted,
+                                              onThreadEnd: { vcpu in
+                                                  scheduler.threadEnded(vcpu)
+                                                  atEnd.withLock { $0 = try? ThreadScheduling.schedulingClass() } // after the restore
+                                              })
+        scheduler.attach(runner)
+        activations(scheduler)
+        runner.stopAndWait() // work queued before the stop runs first
+        return (atEnd.withLock { $0 }, scheduler.status(vcpu: 0))
+    }
+
+    func testActivatingAnAppliedPolicyAgainKeepsWhatTheThreadIsRestoredTo() throws {
+        try requireRealtimeOrSkip()
+        let (classAtEnd, status) = try runActivated { scheduler in
+            XCTAssertTrue(scheduler.activate(vcpu: 0))
+            let deadline = monotonicNanoseconds() + 10_000_000_000
+            while scheduler.status(vcpu: 0) == .pending && monotonicNanoseconds() < deadline { usleep(1000) }
+            guard case .applied? = Optional(scheduler.status(vcpu: 0)) else { return XCTFail("hang detector: \(scheduler.status(vcpu: 0))") }
+            XCTAssertTrue(scheduler.activate(vcpu: 0), "already applied: nothing to do")
+        }
+        XCTAssertEqual(status, .restored)
+        XCTAssertEqual(classAtEnd, .other(nice: 0), "restored to SCHED_OTHER, not to the policy's SCHED_FIFO")
+    }
+
+    func testASecondActivationThatWouldFailDoesNotDropTheSavedState() throws {
+        try requireRealtimeOrSkip()
+        let partition = FirstAssignmentOnly()
+        let (classAtEnd, status) = try runActivated(partition: partition) { scheduler in
+            XCTAssertTrue(scheduler.activate(vcpu: 0))
+            XCTAssertTrue(scheduler.activate(vcpu: 0)) // queued before the first ran, or after: either way a no-op
+        }
+        XCTAssertEqual(partition.assignments.withLock { $0 }, 1, "the policy was applied once")
+        XCTAssertEqual(status, .restored, "the thread was restored")
+        XCTAssertEqual(classAtEnd, .other(nice: 0))
+    }
+}

@@ -109,6 +109,26 @@ final class CgroupFileBackendTests: XCTestCase {
         XCTAssertThrowsError(try backend.setValue("1", name: "tasks", group: "", controller: "cpu"))
     }
 
+    /// A group path from /proc/<pid>/cgroup can hold ".." (a group outside the cgroup
+    /// namespace): moving a task there is refused, and nothing outside the subtree is created.
+    func testMovingOutRefusesDotDotAndCreatesNothing() throws {
+        let fixture = try CgroupFixture()
+        let (_, backend) = try fixture.v1()
+        try fixture.write("cpu/outside/placeholder", "")
+        for path in ["..", "../escape", "outside/../../escape", "/../escape"] {
+            XCTAssertThrowsError(try backend.moveOut(thread: 1_073_741_824, to: path, controller: "cpu")) {
+                XCTAssertEqual($0 as? CgroupError, .unsafeGroupPath(path))
+            }
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: fixture.root + "/escape/tasks"), "nothing created outside the mount")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: fixture.root + "/tasks"))
+        // A group without a tasks file (no real cgroup): an error, and no file is created.
+        XCTAssertThrowsError(try backend.moveOut(thread: 1_073_741_824, to: "outside", controller: "cpu")) {
+            guard case .file(_, _, .noSuchFileOrDirectory)? = $0 as? CgroupError else { return XCTFail("\($0)") }
+        }
+        XCTAssertFalse(fixture.exists("cpu/outside/tasks"), "a control file is never created outside the subtree")
+    }
+
     /// A task the partition cannot move out keeps the whole partition, budgets included; once
     /// it is gone, removal completes.
     func testRemovalWithATaskItCannotMoveGivesNoBudgetBack() throws {

@@ -143,7 +143,7 @@ public final class CgroupAccessLog: Sendable {
 
 /// Plain file operations under each hierarchy's mount point (also what tests point at a
 /// temporary directory). The only writes outside the subtree are `moveOut`'s, to the `tasks`
-/// file (on v2 `cgroup.procs`) of the group a thread came from (or its process's group), to
+/// file (on v2 `cgroup.procs`) of the group a thread came from (or its process's, or the VMM's), to
 /// put it back there.
 public struct FileCgroupBackend: CgroupBackend {
     /// Mount point per controller (`unifiedHierarchy` for cgroup v2).

@@ -129,6 +129,46 @@ final class CgroupFileBackendTests: XCTestCase {
         XCTAssertFalse(fixture.exists("cpu/outside/tasks"), "a control file is never created outside the subtree")
     }
 
+    /// A task with no home of its own outside the subtree (here: gone from /proc) goes to the
+    /// VMM process's home, never to the hierarchy's root.
+    func testATaskWithoutAHomeGoesToTheVMMsHomeNotTheRoot() throws {
+        let fixture = try CgroupFixture()
+        let (hierarchy, backend) = try fixture.v1()
+        for controller in ["cpu", "cpuset"] { try fixture.write("\(controller)/vmm/tasks", "") }
+        let plan = PartitionPlan(name: "home", realtimeCPUs: [1], housekeepingCPUs: [0], budget: RTBudget(parsing: "50ms/100ms")!)
+        let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend, lock: fixture.lock,
+                                            processHome: ["cpu": "vmm", "cpuset": "vmm"])
+        try fixture.write("cpu/\(partition.realtimeGroup)/tasks", "1073741824\n") // no such task: no /proc/<pid>/cgroup
+        XCTAssertEqual(try partition.evictUnplacedTasks(), [1_073_741_824])
+        XCTAssertEqual(fixture.read("cpu/vmm/tasks"), "1073741824", "moved to the VMM's home")
+        XCTAssertEqual(fixture.read("cpu/tasks"), "", "nothing moved to the root")
+        try fixture.write("cpu/\(partition.realtimeGroup)/tasks", "") // the kernel would have moved it
+        try partition.remove()
+        XCTAssertFalse(fixture.exists("cpu/rtvirt"))
+        XCTAssertFalse(fixture.writes.contains { $0.path == "cpu/tasks" || $0.path == "cpuset/tasks" }, "the roots were never written")
+    }
+
+    /// With no home outside the subtree at all, such a task stays and the partition is busy.
+    func testATaskWithNoHomeAnywhereKeepsThePartitionBusy() throws {
+        let fixture = try CgroupFixture()
+        let (hierarchy, backend) = try fixture.v1()
+        let plan = PartitionPlan(name: "homeless", realtimeCPUs: [1], housekeepingCPUs: [0], budget: RTBudget(parsing: "50ms/100ms")!)
+        let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend, lock: fixture.lock,
+                                            processHome: ["cpu": "rtvirt/elsewhere", "cpuset": "rtvirt/elsewhere"]) // inside: not a home
+        try fixture.write("cpu/\(partition.realtimeGroup)/tasks", "1073741824\n")
+        XCTAssertThrowsError(try partition.evictUnplacedTasks()) {
+            XCTAssertEqual($0 as? CgroupError, .partitionBusy(group: partition.realtimeGroup, tasks: [1_073_741_824]))
+        }
+        XCTAssertThrowsError(try partition.remove()) {
+            XCTAssertEqual($0 as? CgroupError, .partitionBusy(group: partition.realtimeGroup, tasks: [1_073_741_824]))
+        }
+        XCTAssertEqual(fixture.read("cpu/tasks"), "", "nothing moved to the root")
+        XCTAssertFalse(fixture.writes.contains { $0.path == "cpu/tasks" || $0.path == "cpuset/tasks" }, "the roots were never written")
+        try fixture.write("cpu/\(partition.realtimeGroup)/tasks", "")
+        try partition.remove()
+        XCTAssertFalse(fixture.exists("cpu/rtvirt"))
+    }
+
     /// A task the partition cannot move out keeps the whole partition, budgets included; once
     /// it is gone, removal completes.
     func testRemovalWithATaskItCannotMoveGivesNoBudgetBack() throws {

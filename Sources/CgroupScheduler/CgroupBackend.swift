@@ -39,6 +39,9 @@ public enum CgroupError: Error, Equatable, Sendable, CustomStringConvertible {
     case file(operation: String, path: String, errno: Errno)
     /// A path outside the project's subtree was about to be touched (never done).
     case outsideSubtree(String)
+    /// A group path with a `..` component (`/proc/<pid>/cgroup` shows such paths for groups
+    /// outside the reader's cgroup namespace): refused, never opened.
+    case unsafeGroupPath(String)
     /// Tasks could not be moved out of `group`, so it was not removed; no RT runtime was
     /// given back (the budgets are as they were: removing again may succeed).
     case partitionBusy(group: String, tasks: [pid_t])
@@ -63,6 +66,7 @@ public enum CgroupError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .libcgroup(operation, code, message): return "libcgroup \(operation) failed (\(code)): \(message)"
         case let .file(operation, path, errno): return "\(operation) \(path): \(errno)"
         case .outsideSubtree(let path): return "refusing to touch \(path): outside the rtvirt subtree"
+        case .unsafeGroupPath(let path): return "refusing to move a task to \(path): the path has a '..' component"
         case let .partitionBusy(group, tasks):
             return "tasks \(tasks.map(String.init).joined(separator: ", ")) could not be moved out of \(group); it was left in place with its RT runtime"
         }
@@ -91,6 +95,7 @@ public protocol CgroupBackend: Sendable {
     /// Moves thread `tid` out of the project's subtree into `path` of `controller`, a group
     /// outside it ("" is the hierarchy's root): only to put a task back where it belongs. On
     /// v2 this moves the thread's whole process (a thread cannot leave its threaded subtree).
+    /// A path with a `..` component is refused (`CgroupError.unsafeGroupPath`).
     func moveOut(thread tid: pid_t, to path: String, controller: String) throws(CgroupError)
     /// The threads in `path` of `controller` (its `tasks` file, on v2 `cgroup.threads`);
     /// empty when there is none.
@@ -138,7 +143,7 @@ public final class CgroupAccessLog: Sendable {
 
 /// Plain file operations under each hierarchy's mount point (also what tests point at a
 /// temporary directory). The only writes outside the subtree are `moveOut`'s, to the `tasks`
-/// file (on v2 `cgroup.procs`) of the group a thread came from (or its process's group), to
+/// file (on v2 `cgroup.procs`) of the group a thread came from (or its process's, or the VMM's), to
 /// put it back there.
 public struct FileCgroupBackend: CgroupBackend {
     /// Mount point per controller (`unifiedHierarchy` for cgroup v2).
@@ -182,9 +187,11 @@ public struct FileCgroupBackend: CgroupBackend {
         try write(value, to: try directory(path, controller) + "/" + name)
     }
 
-    func write(_ value: String, to file: String) throws(CgroupError) {
+    /// Writes `value` to `file`; `create`: a missing file is created (what a test directory
+    /// needs for control files inside the subtree), else it is an error.
+    func write(_ value: String, to file: String, create: Bool = true) throws(CgroupError) {
         log?.record("write", file, value)
-        let fd = open(file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let fd = create ? open(file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644) : open(file, O_WRONLY | O_TRUNC | O_CLOEXEC)
         guard fd >= 0 else { throw .file(operation: "open", path: file, errno: Errno(rawValue: errno)) }
         defer { close(fd) }
         let bytes = Array(value.utf8)
@@ -204,9 +211,13 @@ public struct FileCgroupBackend: CgroupBackend {
     }
 
     public func moveOut(thread tid: pid_t, to path: String, controller: String) throws(CgroupError) {
+        // The path may come from /proc/<pid>/cgroup, which names groups outside the reader's
+        // cgroup namespace with "..": never follow one out of the mount.
+        guard !path.split(separator: "/").contains("..") else { throw .unsafeGroupPath(path) }
         // On v2 a thread cannot leave its threaded subtree alone: cgroup.procs moves its process.
         let file = controller == unifiedHierarchy ? "cgroup.procs" : "tasks"
-        try write("\(tid)", to: try directory(path, controller) + "/" + file)
+        // Outside the subtree nothing is ever created: the group's own file or an error.
+        try write("\(tid)", to: try directory(path, controller) + "/" + file, create: false)
     }
 
     public func tasks(in path: String, controller: String) -> [pid_t] {

@@ -91,6 +91,9 @@ public final class CgroupPartition: CPUPartitionAssigner {
     /// threads, and whether the real-time CPUs have a root domain of their own.
     public let deadlinePlacement: DeadlinePlacement?
     let layout: PartitionLayout
+    /// Where this process lived when the partition was created, by hierarchy (only groups
+    /// outside the subtree): tasks that have no home of their own outside the subtree go there.
+    let processHomes: [String: String]
     private let backend: any CgroupBackend
     private let lock: PartitionLock
     private struct State {
@@ -257,8 +260,15 @@ public final class CgroupPartition: CPUPartitionAssigner {
     ///   delegated cpuset controller, `.partitionInvalid` when the kernel reports the v2
     ///   partition root invalid, `.budgetUnavailable`, `.missingController`, or the backend's
     ///   errors.
+    ///
+    /// `processHome` is where this process lives, by hierarchy (a v1 controller or
+    /// `unifiedHierarchy`); nil: its groups in `/proc/self/cgroup` now. A task that leaves the
+    /// partition goes to the group of its own process, or, when that is inside the subtree,
+    /// to this home; with neither outside the subtree it stays (`CgroupError.partitionBusy`):
+    /// nothing is ever moved to a hierarchy's root that is not one of those homes.
     public init(plan: PartitionPlan, hierarchy: CgroupHierarchy, backend: any CgroupBackend,
                 lock: PartitionLock = .shared, probe: any DeadlineAdmissionProbe = KernelDeadlineProbe(),
+                processHome: [String: String]? = nil,
                 logger: Logger = Logger(label: "rtvirt.cgroup")) throws(CgroupError) {
         let support = BudgetModeSupport.detect(hierarchy: hierarchy)
         if plan.budgetMode == .rtGroup && !hierarchy.usesV2Partitions {
@@ -285,6 +295,8 @@ public final class CgroupPartition: CPUPartitionAssigner {
             }
         }
         let vmGroup = Self.vmGroup(for: plan)
+        let homes = Self.outsideSubtree(processHome ?? HostTask.groups(of: getpid()))
+        processHomes = homes
         self.plan = plan
         self.backend = backend
         self.lock = lock
@@ -293,7 +305,7 @@ public final class CgroupPartition: CPUPartitionAssigner {
         self.vmGroup = vmGroup
         let state = state
         deadlinePlacement = try lock.withLock { () throws(CgroupError) -> DeadlinePlacement? in
-            Self.reclaimLeftoversLocked(backend: backend) // partitions of processes that died
+            Self.reclaimLeftoversLocked(backend: backend, homes: homes) // partitions of processes that died
             if layout == .v2Deadline, let existing = Self.allVMGroups(backend: backend).first(where: { $0.hasSuffix("-\(getpid())") }) {
                 throw .oneV2PartitionPerProcess(existing: existing)
             }
@@ -326,7 +338,7 @@ public final class CgroupPartition: CPUPartitionAssigner {
                 }
             } catch {
                 if let home = state.withLock({ $0.processHome }) { try? backend.moveOut(thread: getpid(), to: home, controller: unifiedHierarchy) }
-                try? Self.removeVMGroupLocked(vmGroup, backend: backend)
+                try? Self.removeVMGroupLocked(vmGroup, backend: backend, homes: homes)
                 throw error
             }
             return placement
@@ -463,10 +475,13 @@ public final class CgroupPartition: CPUPartitionAssigner {
     }
 
     private func release(_ tid: pid_t, state: inout State) throws(CgroupError) {
-        state.realtimeThreads.remove(tid)
+        let wasRealtime = state.realtimeThreads.remove(tid) != nil
         guard let original = state.originalGroups.removeValue(forKey: tid) else { return }
         for controller in layout.controllers {
-            let group = original[controller] ?? ""
+            // Where it was (read when it was assigned); if unknown, this process's home, never the root.
+            guard let group = original[controller] ?? processHomes[controller] else {
+                throw .partitionBusy(group: wasRealtime ? realtimeGroup : housekeepingGroup, tasks: [tid])
+            }
             if layout == .v2Deadline {
                 try backend.attach(thread: tid, group: group, controller: controller) // inside the subtree
             } else {
@@ -497,7 +512,7 @@ public final class CgroupPartition: CPUPartitionAssigner {
                         HostTask.demoteIfRealtime(tid)
                         try backend.attach(thread: tid, group: housekeepingGroup, controller: controller)
                     } else {
-                        try Self.moveOut(tid, controller: controller, backend: backend)
+                        try Self.moveOut(tid, from: realtimeGroup, controller: controller, homes: processHomes, backend: backend)
                     }
                     if !evicted.contains(tid) { evicted.append(tid) }
                 } catch {
@@ -529,7 +544,7 @@ public final class CgroupPartition: CPUPartitionAssigner {
                 HostTask.demoteIfRealtime(getpid())
                 try backend.moveOut(thread: getpid(), to: home, controller: unifiedHierarchy)
             }
-            try lock.withLock { () throws(CgroupError) in try Self.removeVMGroupLocked(vmGroup, backend: backend) }
+            try lock.withLock { () throws(CgroupError) in try Self.removeVMGroupLocked(vmGroup, backend: backend, homes: processHomes) }
             state.removed = true
         }
         return monotonicNanoseconds() - start
@@ -544,8 +559,8 @@ public final class CgroupPartition: CPUPartitionAssigner {
 
     /// Moves every task out of `vmGroup` and its two partitions, then, when they are empty,
     /// gives their RT runtime back bottom-up and deletes them, and settles `rtvirt`. The
-    /// caller holds the cross-process lock.
-    static func removeVMGroupLocked(_ vmGroup: String, backend: any CgroupBackend) throws(CgroupError) {
+    /// caller holds the cross-process lock. `homes`: see `moveOut`.
+    static func removeVMGroupLocked(_ vmGroup: String, backend: any CgroupBackend, homes: [String: String]) throws(CgroupError) {
         let groups = [vmGroup + "/realtime", vmGroup + "/housekeeping", vmGroup]
         let controllers = hierarchies(backend)
         // Empty every group first. A task can appear meanwhile (a thread of a task just moved
@@ -557,7 +572,7 @@ public final class CgroupPartition: CPUPartitionAssigner {
                 for controller in controllers {
                     for tid in backend.tasks(in: group, controller: controller) {
                         remaining.append((group, tid))
-                        try? moveOut(tid, controller: controller, backend: backend)
+                        try? moveOut(tid, from: group, controller: controller, homes: homes, backend: backend)
                     }
                 }
             }
@@ -584,13 +599,13 @@ public final class CgroupPartition: CPUPartitionAssigner {
                 try backend.deleteGroup(group, controller: controller)
             }
         }
-        try settleSharedGroupLocked(backend: backend)
+        try settleSharedGroupLocked(backend: backend, homes: homes)
     }
 
     /// Sets `rtvirt`'s RT runtime to what its VM groups still hold and narrows its CPUs (and
     /// v2 exclusive CPUs) to their union, and deletes it when none is left. The caller holds
-    /// the cross-process lock.
-    static func settleSharedGroupLocked(backend: any CgroupBackend) throws(CgroupError) {
+    /// the cross-process lock. `homes`: see `moveOut`.
+    static func settleSharedGroupLocked(backend: any CgroupBackend, homes: [String: String]) throws(CgroupError) {
         let controllers = hierarchies(backend).filter { backend.groupExists(projectSubtree, controller: $0) }
         guard !controllers.isEmpty else { return }
         if controllers.contains("cpu") {
@@ -616,23 +631,45 @@ public final class CgroupPartition: CPUPartitionAssigner {
         }
         guard controllers.allSatisfy({ backend.children(of: projectSubtree, controller: $0).isEmpty }) else { return }
         for controller in controllers {
-            for tid in backend.tasks(in: projectSubtree, controller: controller) { try? moveOut(tid, controller: controller, backend: backend) }
+            for tid in backend.tasks(in: projectSubtree, controller: controller) {
+                try? moveOut(tid, from: projectSubtree, controller: controller, homes: homes, backend: backend)
+            }
             try backend.deleteGroup(projectSubtree, controller: controller)
         }
     }
 
-    /// Moves `tid` out of the subtree into the group its process's main thread is in (the
-    /// hierarchy's root when that is inside the subtree, or when the move is refused there: an
-    /// RT task cannot enter a group without RT runtime). A thread of this process that has a
+    /// Moves `tid` out of the subtree, out of `group`: into the group its process's main thread
+    /// is in, or, when that is inside the subtree (or unknown), into `homes[controller]`, where
+    /// the VMM process lived when its partition was created; if the first refuses it, into the
+    /// second. Never anywhere else, the hierarchy's root included: with no such group outside
+    /// the subtree it throws `CgroupError.partitionBusy`. A thread of this process that has a
     /// real-time class gets SCHED_OTHER first: RTVirt did not place it.
-    static func moveOut(_ tid: pid_t, controller: String, backend: any CgroupBackend) throws(CgroupError) {
+    static func moveOut(_ tid: pid_t, from group: String, controller: String, homes: [String: String],
+                        backend: any CgroupBackend) throws(CgroupError) {
         let process = HostTask.threadGroup(of: tid) ?? tid
         if process == getpid() { HostTask.demoteIfRealtime(tid) }
-        let home = HostTask.groups(of: process)[controller] ?? ""
-        let outside = home != projectSubtree && !home.hasPrefix(projectSubtree + "/")
-        if outside && !home.isEmpty, (try? backend.moveOut(thread: tid, to: home, controller: controller)) != nil { return }
-        try backend.moveOut(thread: tid, to: "", controller: controller)
+        var targets: [String] = []
+        for home in [HostTask.groups(of: process)[controller], homes[controller]] {
+            if let home, isOutsideSubtree(home), !targets.contains(home) { targets.append(home) }
+        }
+        guard !targets.isEmpty else { throw .partitionBusy(group: group, tasks: [tid]) }
+        var failure: CgroupError?
+        for target in targets {
+            do throws(CgroupError) {
+                try backend.moveOut(thread: tid, to: target, controller: controller)
+                return
+            } catch {
+                failure = failure ?? error
+            }
+        }
+        if let failure { throw failure }
     }
+
+    /// Whether group `path` ("" is the root) is outside the project's subtree.
+    static func isOutsideSubtree(_ path: String) -> Bool { path != projectSubtree && !path.hasPrefix(projectSubtree + "/") }
+
+    /// `groups` without those inside the project's subtree.
+    static func outsideSubtree(_ groups: [String: String]) -> [String: String] { groups.filter { isOutsideSubtree($0.value) } }
 
     /// VM groups under `rtvirt` whose process is gone.
     public static func leftoverGroups(backend: any CgroupBackend, isAlive: (pid_t) -> Bool = { kill($0, 0) == 0 || errno == EPERM }) -> [String] {
@@ -651,12 +688,15 @@ public final class CgroupPartition: CPUPartitionAssigner {
     @discardableResult
     public static func reclaimLeftovers(backend: any CgroupBackend, lock: PartitionLock = .shared,
                                         isAlive: (pid_t) -> Bool = { kill($0, 0) == 0 || errno == EPERM }) -> [String] {
-        (try? lock.withLock { () throws(CgroupError) in reclaimLeftoversLocked(backend: backend, isAlive: isAlive) }) ?? []
+        let homes = outsideSubtree(HostTask.groups(of: getpid()))
+        return (try? lock.withLock { () throws(CgroupError) in reclaimLeftoversLocked(backend: backend, homes: homes, isAlive: isAlive) }) ?? []
     }
 
+    /// `homes`: where this process lives outside the subtree (see `moveOut`).
     @discardableResult
-    static func reclaimLeftoversLocked(backend: any CgroupBackend, isAlive: (pid_t) -> Bool = { kill($0, 0) == 0 || errno == EPERM }) -> [String] {
-        leftoverGroups(backend: backend, isAlive: isAlive).filter { (try? removeVMGroupLocked($0, backend: backend)) != nil }
+    static func reclaimLeftoversLocked(backend: any CgroupBackend, homes: [String: String],
+                                       isAlive: (pid_t) -> Bool = { kill($0, 0) == 0 || errno == EPERM }) -> [String] {
+        leftoverGroups(backend: backend, isAlive: isAlive).filter { (try? removeVMGroupLocked($0, backend: backend, homes: homes)) != nil }
     }
 
     /// Every VM group under `rtvirt` (alive or not).

@@ -82,34 +82,29 @@ public final class OverrunWatchdog: Sendable {
     }
 
     /// The configuration.
-    public let configuration: Configuration
-    private let cpuTime: @Sendable (pid_t) -> UInt64?
-    private let clock: @Sendable () -> UInt64
-    private struct Watched {
-        var threadID: pid_t
-        var since: UInt64
-        /// (time, CPU time) samples, oldest first: enough to span the last `consecutivePeriods` periods.
-        var history: [(time: UInt64, cpu: UInt64)]
-        var reported: Bool
-    }
-    private struct State {
-        var watched: [Int: Watched] = [:]
-        var counts: [Int: Int] = [:]
-        var events: [OverrunEvent] = []
-        var running = false
-    }
-    private let state = LockedValue(State())
+    public var configuration: Configuration { core.configuration }
+    /// Starts a thread with a name and a body (`HostThread.init`; tests give their own).
+    typealias ThreadStarter = @Sendable (String, @escaping @Sendable () -> Void) throws(HostThreadError) -> HostThread
+    private let core: Core
+    private let startThread: ThreadStarter
     private let thread = LockedValue<HostThread?>(nil)
 
     /// A watchdog. `cpuTime` reads a thread's CPU time in nanoseconds (default: schedstat)
     /// and `clock` the time (default: CLOCK_MONOTONIC); tests give their own and call
     /// `samplePeriod()` themselves.
-    public init(configuration: Configuration,
-                cpuTime: @escaping @Sendable (pid_t) -> UInt64? = OverrunWatchdog.schedstatCPUTime,
-                clock: @escaping @Sendable () -> UInt64 = monotonicNanoseconds) {
-        self.configuration = configuration
-        self.cpuTime = cpuTime
-        self.clock = clock
+    public convenience init(configuration: Configuration,
+                            cpuTime: @escaping @Sendable (pid_t) -> UInt64? = OverrunWatchdog.schedstatCPUTime,
+                            clock: @escaping @Sendable () -> UInt64 = monotonicNanoseconds) {
+        self.init(configuration: configuration, cpuTime: cpuTime, clock: clock) { name, body throws(HostThreadError) in
+            try HostThread(name: name, body)
+        }
+    }
+
+    /// A watchdog whose thread `startThread` starts.
+    init(configuration: Configuration, cpuTime: @escaping @Sendable (pid_t) -> UInt64?, clock: @escaping @Sendable () -> UInt64,
+         startThread: @escaping ThreadStarter) {
+        core = Core(configuration: configuration, cpuTime: cpuTime, clock: clock)
+        self.startThread = startThread
     }
 
     /// A thread's CPU time from `/proc/self/task/TID/schedstat` (its first field), or nil.
@@ -118,23 +113,19 @@ public final class OverrunWatchdog: Sendable {
     }
 
     /// Starts watching `vcpu`'s thread (again, if it was watched).
-    public func watch(vcpu: Int, threadID: pid_t) {
-        let now = clock()
-        let start = cpuTime(threadID)
-        state.withLock { $0.watched[vcpu] = Watched(threadID: threadID, since: now, history: start.map { [(now, $0)] } ?? [], reported: false) }
-    }
+    public func watch(vcpu: Int, threadID: pid_t) { core.watch(vcpu: vcpu, threadID: threadID) }
 
     /// Stops watching `vcpu`.
-    public func unwatch(vcpu: Int) { state.withLock { _ = $0.watched.removeValue(forKey: vcpu) } }
+    public func unwatch(vcpu: Int) { core.state.withLock { _ = $0.watched.removeValue(forKey: vcpu) } }
 
     /// Reports so far for `vcpu`.
-    public func overrunCount(vcpu: Int) -> Int { state.withLock { $0.counts[vcpu] ?? 0 } }
+    public func overrunCount(vcpu: Int) -> Int { core.state.withLock { $0.counts[vcpu] ?? 0 } }
 
     /// Reports so far, all vCPUs.
-    public var overrunCount: Int { state.withLock { $0.counts.values.reduce(0, +) } }
+    public var overrunCount: Int { core.state.withLock { $0.counts.values.reduce(0, +) } }
 
     /// Every report so far, in order.
-    public var events: [OverrunEvent] { state.withLock { $0.events } }
+    public var events: [OverrunEvent] { core.state.withLock { $0.events } }
 
     /// One sampling step: what the watchdog thread does every period. Returns the reports it made.
     ///
@@ -143,7 +134,94 @@ public final class OverrunWatchdog: Sendable {
     /// a CPU with the vCPU it watches (a deadline vCPU without a root domain of its own runs on
     /// every CPU), and then its samples come late, in step with the vCPU's throttling.
     @discardableResult
-    public func samplePeriod() -> [OverrunEvent] {
+    public func samplePeriod() -> [OverrunEvent] { core.samplePeriod() }
+
+    /// Starts the watchdog thread: one `samplePeriod()` every budget period (absolute
+    /// deadlines, so the samples do not drift). If the thread cannot be started, it throws and
+    /// a later call tries again.
+    ///
+    /// The thread holds only the watchdog's state, not the watchdog: a watchdog that is no
+    /// longer referenced stops its thread (and waits for it, within one period).
+    public func start() throws(HostThreadError) {
+        guard core.state.withLock({ state -> Bool in
+            guard !state.running else { return false }
+            state.running = true
+            return true
+        }) else { return }
+        let period = UInt64(max(configuration.budget.periodMicroseconds, 1)) * 1000
+        let cpus = configuration.cpus
+        let core = core
+        let started: HostThread
+        do {
+            started = try startThread("rtvirt-watchdog") {
+                if let cpus { try? ThreadScheduling.setAffinity(cpus) }
+                var next = monotonicNanoseconds() + period
+                while core.state.withLock({ $0.running }) {
+                    var deadline = timespec(tv_sec: Int(next / 1_000_000_000), tv_nsec: Int(next % 1_000_000_000))
+                    while clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &deadline, nil) == EINTR {}
+                    guard core.state.withLock({ $0.running }) else { break }
+                    core.samplePeriod()
+                    next += period
+                    let now = monotonicNanoseconds()
+                    if next < now { next = now + period } // fell behind (a stall): resume from now
+                }
+            }
+        } catch {
+            core.state.withLock { $0.running = false }
+            throw error
+        }
+        thread.withLock { $0 = started }
+    }
+
+    /// Stops the watchdog thread and waits for it (within one period).
+    public func stop() {
+        core.state.withLock { $0.running = false }
+        let running = thread.withLock { thread -> HostThread? in
+            defer { thread = nil }
+            return thread
+        }
+        running?.join()
+    }
+
+    deinit { stop() }
+}
+
+/// What the watchdog thread holds: the state and the sampling, without the watchdog itself,
+/// so that dropping the watchdog stops the thread.
+private final class Core: Sendable {
+    let configuration: OverrunWatchdog.Configuration
+    let cpuTime: @Sendable (pid_t) -> UInt64?
+    let clock: @Sendable () -> UInt64
+    struct Watched {
+        var threadID: pid_t
+        var since: UInt64
+        /// (time, CPU time) samples, oldest first: enough to span the last `consecutivePeriods` periods.
+        var history: [(time: UInt64, cpu: UInt64)]
+        var reported: Bool
+    }
+    struct State {
+        var watched: [Int: Watched] = [:]
+        var counts: [Int: Int] = [:]
+        var events: [OverrunEvent] = []
+        var running = false
+    }
+    let state = LockedValue(State())
+
+    init(configuration: OverrunWatchdog.Configuration, cpuTime: @escaping @Sendable (pid_t) -> UInt64?,
+         clock: @escaping @Sendable () -> UInt64) {
+        self.configuration = configuration
+        self.cpuTime = cpuTime
+        self.clock = clock
+    }
+
+    func watch(vcpu: Int, threadID: pid_t) {
+        let now = clock()
+        let start = cpuTime(threadID)
+        state.withLock { $0.watched[vcpu] = Watched(threadID: threadID, since: now, history: start.map { [(now, $0)] } ?? [], reported: false) }
+    }
+
+    @discardableResult
+    func samplePeriod() -> [OverrunEvent] {
         let now = clock()
         let runtime = Double(max(configuration.budget.runtimeMicroseconds, 0)) * 1000
         let period = Double(max(configuration.budget.periodMicroseconds, 1)) * 1000
@@ -202,41 +280,4 @@ public final class OverrunWatchdog: Sendable {
         }
         return reports
     }
-
-    /// Starts the watchdog thread: one `samplePeriod()` every budget period (absolute
-    /// deadlines, so the samples do not drift).
-    public func start() throws(HostThreadError) {
-        guard state.withLock({ state -> Bool in
-            guard !state.running else { return false }
-            state.running = true
-            return true
-        }) else { return }
-        let period = UInt64(max(configuration.budget.periodMicroseconds, 1)) * 1000
-        let cpus = configuration.cpus
-        let started = try HostThread(name: "rtvirt-watchdog") { [self] in
-            if let cpus { try? ThreadScheduling.setAffinity(cpus) }
-            var next = monotonicNanoseconds() + period
-            while state.withLock({ $0.running }) {
-                var deadline = timespec(tv_sec: Int(next / 1_000_000_000), tv_nsec: Int(next % 1_000_000_000))
-                while clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &deadline, nil) == EINTR {}
-                samplePeriod()
-                next += period
-                let now = monotonicNanoseconds()
-                if next < now { next = now + period } // fell behind (a stall): resume from now
-            }
-        }
-        thread.withLock { $0 = started }
-    }
-
-    /// Stops the watchdog thread and waits for it (within one period).
-    public func stop() {
-        state.withLock { $0.running = false }
-        let running = thread.withLock { thread -> HostThread? in
-            defer { thread = nil }
-            return thread
-        }
-        running?.join()
-    }
-
-    deinit { stop() }
 }

@@ -156,6 +156,9 @@ public enum ThreadScheduling {
         guard result == 0 else { throw .from(result, "mlockall") }
     }
 
+    /// Unlocks all memory of the process (`munlockall`); undoes `lockAllMemory`.
+    public static func unlockAllMemory() { _ = munlockall() }
+
     /// The calling thread's kernel id.
     public static func currentThreadID() -> pid_t { rtv_gettid() }
 

@@ -56,23 +56,71 @@ extension CPUPartitionAssigner {
 
 /// A thread's scheduling state, saved so that it can be restored.
 public struct SavedThreadScheduling: Equatable, Sendable {
+    /// The thread's kernel id.
     public var threadID: pid_t
+    /// Its scheduling class before the policy.
     public var schedulingClass: SchedulingClass
+    /// Whether it had `SCHED_RESET_ON_FORK` before the policy (restored with the class).
+    public var resetOnFork: Bool
+    /// Its CPU affinity before the policy.
     public var cpus: CPUSet
+    /// Its timer slack before the policy, nanoseconds.
     public var timerSlackNanoseconds: UInt64
+    /// Whether it joined a partition (and is released from it on restore).
     public var joinedPartition: Bool
+    /// Whether applying the policy took a reference on the process-wide memory lock
+    /// (`ProcessMemoryLock`), which the restore gives back.
+    public var holdsMemoryLock: Bool
 
     /// Captures the calling thread's state.
     public static func captureCurrentThread() throws(SchedulingError) -> SavedThreadScheduling {
         SavedThreadScheduling(threadID: ThreadScheduling.currentThreadID(), schedulingClass: try ThreadScheduling.schedulingClass(),
+                              resetOnFork: try ThreadScheduling.resetsOnFork(),
                               cpus: try ThreadScheduling.affinity(), timerSlackNanoseconds: ThreadScheduling.timerSlack(),
-                              joinedPartition: false)
+                              joinedPartition: false, holdsMemoryLock: false)
+    }
+}
+
+/// The process-wide memory lock (`mlockall(MCL_CURRENT | MCL_FUTURE)`) that policies with
+/// `lockMemory` share, reference-counted: the first reference locks the process's memory,
+/// giving back the last one unlocks it (`munlockall`). `RealtimeThreadPolicy` takes one
+/// reference per thread it applies such a policy to and gives it back when it restores the
+/// thread, so the lock does not outlive the real-time threads that asked for it.
+///
+/// Memory locked by other means (a direct `mlockall` outside this type) is not counted: the
+/// last release unlocks the whole process.
+public enum ProcessMemoryLock {
+    private static let references = LockedValue(0)
+
+    /// How many references are held now (0: the process's memory is not locked by RTVirt).
+    public static var referenceCount: Int { references.withLock { $0 } }
+
+    /// Takes a reference; the first one locks all current and future memory of the process.
+    /// On failure no reference is taken.
+    public static func acquire() throws(SchedulingError) {
+        try references.withLock { (count) throws(SchedulingError) in
+            if count == 0 { try ThreadScheduling.lockAllMemory() }
+            count += 1
+        }
+    }
+
+    /// Gives a reference back; the last one unlocks the process's memory. Does nothing when
+    /// no reference is held.
+    public static func release() {
+        references.withLock { count in
+            guard count > 0 else { return }
+            count -= 1
+            if count == 0 { ThreadScheduling.unlockAllMemory() }
+        }
     }
 }
 
 /// Applies a `RealtimePolicy` to the calling thread, in the order that keeps each step in
 /// force: join the partition (a cgroup move can reset affinity), set affinity, then the
 /// scheduling class; timer slack and memory locking last. Restores what it saved.
+///
+/// Memory locking is process-wide and reference-counted (`ProcessMemoryLock`): the process
+/// stays locked until every thread that asked for it was restored.
 ///
 /// The class is set with `SCHED_RESET_ON_FORK`: threads and kernel workers created from the
 /// thread later start as SCHED_OTHER instead of inheriting it.
@@ -91,7 +139,10 @@ public enum RealtimeThreadPolicy {
             // Reset on fork: nothing created from a vCPU thread inherits its real-time class.
             try ThreadScheduling.setSchedulingClass(policy.schedulingClass, resetOnFork: true)
             if let slack = policy.timerSlackNanoseconds { try ThreadScheduling.setTimerSlack(max(slack, 1)) }
-            if policy.lockMemory { try ThreadScheduling.lockAllMemory() }
+            if policy.lockMemory {
+                try ProcessMemoryLock.acquire()
+                saved.holdsMemoryLock = true
+            }
         } catch {
             restore(saved, partition: partition)
             throw error
@@ -99,12 +150,15 @@ public enum RealtimeThreadPolicy {
         return saved
     }
 
-    /// Restores the calling thread to `saved` (best effort: every step is tried).
+    /// Restores the calling thread to `saved` (best effort: every step is tried), its
+    /// `SCHED_RESET_ON_FORK` flag included, and gives back its memory-lock reference. Restore
+    /// each saved state once.
     public static func restore(_ saved: SavedThreadScheduling, partition: (any CPUPartitionAssigner)? = nil) {
-        try? ThreadScheduling.setSchedulingClass(saved.schedulingClass)
+        try? ThreadScheduling.setSchedulingClass(saved.schedulingClass, resetOnFork: saved.resetOnFork)
         try? ThreadScheduling.setTimerSlack(max(saved.timerSlackNanoseconds, 1))
         if saved.joinedPartition { try? partition?.releaseThread(saved.threadID) }
         try? ThreadScheduling.setAffinity(saved.cpus)
+        if saved.holdsMemoryLock { ProcessMemoryLock.release() }
     }
 }
 
@@ -219,13 +273,23 @@ public final class RealtimeVCPUScheduler: Sendable {
     /// Applies `vcpu`'s deferred policy on its thread at its next exit (the vCPU is kicked).
     /// If it fails and failures are refused, the vCPU is stopped.
     ///
-    /// Returns whether the activation was queued: false (and a warning is logged) when `vcpu`
-    /// has no policy, no thread was attached for it, or its thread no longer runs it.
+    /// Activating a vCPU whose policy is already applied does nothing and returns true: the
+    /// policy is in force, and the state saved when it was applied (what the thread is
+    /// restored to when it ends) is kept. The same holds for an activation that reaches the
+    /// thread after an earlier one applied the policy.
+    ///
+    /// Returns whether the policy was queued or is already applied: false (and a warning is
+    /// logged) when `vcpu` has no policy, no thread was attached for it, or its thread no
+    /// longer runs it.
     @discardableResult
     public func activate(vcpu: Int) -> Bool {
         guard let policy = policies[vcpu] else {
             logger.warning("activate: the vCPU has no real-time policy", metadata: ["vcpu": "\(vcpu)"])
             return false
+        }
+        if isApplied(vcpu) {
+            logger.debug("activate: the real-time policy is already applied", metadata: ["vcpu": "\(vcpu)"])
+            return true
         }
         guard let thread = threads.withLock({ $0[vcpu] }) else {
             logger.warning("activate: no thread attached for the vCPU (call attach first)", metadata: ["vcpu": "\(vcpu)"])
@@ -242,10 +306,18 @@ public final class RealtimeVCPUScheduler: Sendable {
         return queued
     }
 
+    /// Whether `vcpu`'s policy is applied now (a saved state waits for the restore).
+    private func isApplied(_ vcpu: Int) -> Bool { states.withLock { $0[vcpu]?.saved != nil } }
+
     /// First lets the hypervisor start the helper tasks of the VM's first run from this thread
     /// while it is still an ordinary thread (`VirtualCPU.prepareHostThread`), then applies.
     /// Returns the failure, if any (already logged).
     private func applyOnCurrentThread(vcpu: any VirtualCPU, policy: RealtimePolicy) -> RealtimePolicyFailure? {
+        // Applying again would save the real-time state as the thread's own: keep the first.
+        if isApplied(vcpu.id) {
+            logger.debug("real-time policy already applied", metadata: ["vcpu": "\(vcpu.id)"])
+            return nil
+        }
         do {
             try vcpu.prepareHostThread()
             let saved = try RealtimeThreadPolicy.apply(policy, partition: partition)
@@ -258,7 +330,11 @@ public final class RealtimeVCPUScheduler: Sendable {
                                   "thread": "\(saved.threadID)"])
             return nil
         } catch {
-            states.withLock { $0[vcpu.id] = VCPUState(status: .failed("\(error)"), saved: nil) }
+            states.withLock { states in
+                // Never discard a saved state: the thread would not be restored.
+                guard states[vcpu.id]?.saved == nil else { return }
+                states[vcpu.id] = VCPUState(status: .failed("\(error)"), saved: nil)
+            }
             let failure = RealtimePolicyFailure(vcpu: vcpu.id, reason: "\(error)")
             switch failureHandling {
             case .refuseToRun:

@@ -27,9 +27,13 @@ final class CgroupFixture {
 
     func exists(_ relative: String) -> Bool { FileManager.default.fileExists(atPath: root + "/" + relative) }
 
-    /// v1 `cpu` and `cpuset` mounts (with `cpu.rt_runtime_us` at the root when `rtGroup`).
+    /// v1 `cpu` and `cpuset` mounts (with `cpu.rt_runtime_us` at the root when `rtGroup`), each
+    /// root with its `tasks` file.
     func v1(rtGroup: Bool = true) throws -> (CgroupHierarchy, FileCgroupBackend) {
-        for controller in ["cpu", "cpuset"] { try FileManager.default.createDirectory(atPath: "\(root)/\(controller)", withIntermediateDirectories: true) }
+        for controller in ["cpu", "cpuset"] {
+            try FileManager.default.createDirectory(atPath: "\(root)/\(controller)", withIntermediateDirectories: true)
+            try write("\(controller)/tasks", "") // every real group has its tasks file; a move out never creates one
+        }
         if rtGroup { try write("cpu/cpu.rt_runtime_us", "950000\n") }
         let backend = FileCgroupBackend(mounts: ["cpu": "\(root)/cpu", "cpuset": "\(root)/cpuset"], log: log)
         let hierarchy = CgroupHierarchy(layout: .v1, mounts: [CgroupMount(path: "\(root)/cpu", version: 1, controllers: ["cpu"]),

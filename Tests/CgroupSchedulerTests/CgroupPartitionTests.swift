@@ -109,6 +109,66 @@ final class CgroupFileBackendTests: XCTestCase {
         XCTAssertThrowsError(try backend.setValue("1", name: "tasks", group: "", controller: "cpu"))
     }
 
+    /// A group path from /proc/<pid>/cgroup can hold ".." (a group outside the cgroup
+    /// namespace): moving a task there is refused, and nothing outside the subtree is created.
+    func testMovingOutRefusesDotDotAndCreatesNothing() throws {
+        let fixture = try CgroupFixture()
+        let (_, backend) = try fixture.v1()
+        try fixture.write("cpu/outside/placeholder", "")
+        for path in ["..", "../escape", "outside/../../escape", "/../escape"] {
+            XCTAssertThrowsError(try backend.moveOut(thread: 1_073_741_824, to: path, controller: "cpu")) {
+                XCTAssertEqual($0 as? CgroupError, .unsafeGroupPath(path))
+            }
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: fixture.root + "/escape/tasks"), "nothing created outside the mount")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: fixture.root + "/tasks"))
+        // A group without a tasks file (no real cgroup): an error, and no file is created.
+        XCTAssertThrowsError(try backend.moveOut(thread: 1_073_741_824, to: "outside", controller: "cpu")) {
+            guard case .file(_, _, .noSuchFileOrDirectory)? = $0 as? CgroupError else { return XCTFail("\($0)") }
+        }
+        XCTAssertFalse(fixture.exists("cpu/outside/tasks"), "a control file is never created outside the subtree")
+    }
+
+    /// A task with no home of its own outside the subtree (here: gone from /proc) goes to the
+    /// VMM process's home, never to the hierarchy's root.
+    func testATaskWithoutAHomeGoesToTheVMMsHomeNotTheRoot() throws {
+        let fixture = try CgroupFixture()
+        let (hierarchy, backend) = try fixture.v1()
+        for controller in ["cpu", "cpuset"] { try fixture.write("\(controller)/vmm/tasks", "") }
+        let plan = PartitionPlan(name: "home", realtimeCPUs: [1], housekeepingCPUs: [0], budget: RTBudget(parsing: "50ms/100ms")!)
+        let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend, lock: fixture.lock,
+                                            processHome: ["cpu": "vmm", "cpuset": "vmm"])
+        try fixture.write("cpu/\(partition.realtimeGroup)/tasks", "1073741824\n") // no such task: no /proc/<pid>/cgroup
+        XCTAssertEqual(try partition.evictUnplacedTasks(), [1_073_741_824])
+        XCTAssertEqual(fixture.read("cpu/vmm/tasks"), "1073741824", "moved to the VMM's home")
+        XCTAssertEqual(fixture.read("cpu/tasks"), "", "nothing moved to the root")
+        try fixture.write("cpu/\(partition.realtimeGroup)/tasks", "") // the kernel would have moved it
+        try partition.remove()
+        XCTAssertFalse(fixture.exists("cpu/rtvirt"))
+        XCTAssertFalse(fixture.writes.contains { $0.path == "cpu/tasks" || $0.path == "cpuset/tasks" }, "the roots were never written")
+    }
+
+    /// With no home outside the subtree at all, such a task stays and the partition is busy.
+    func testATaskWithNoHomeAnywhereKeepsThePartitionBusy() throws {
+        let fixture = try CgroupFixture()
+        let (hierarchy, backend) = try fixture.v1()
+        let plan = PartitionPlan(name: "homeless", realtimeCPUs: [1], housekeepingCPUs: [0], budget: RTBudget(parsing: "50ms/100ms")!)
+        let partition = try CgroupPartition(plan: plan, hierarchy: hierarchy, backend: backend, lock: fixture.lock,
+                                            processHome: ["cpu": "rtvirt/elsewhere", "cpuset": "rtvirt/elsewhere"]) // inside: not a home
+        try fixture.write("cpu/\(partition.realtimeGroup)/tasks", "1073741824\n")
+        XCTAssertThrowsError(try partition.evictUnplacedTasks()) {
+            XCTAssertEqual($0 as? CgroupError, .partitionBusy(group: partition.realtimeGroup, tasks: [1_073_741_824]))
+        }
+        XCTAssertThrowsError(try partition.remove()) {
+            XCTAssertEqual($0 as? CgroupError, .partitionBusy(group: partition.realtimeGroup, tasks: [1_073_741_824]))
+        }
+        XCTAssertEqual(fixture.read("cpu/tasks"), "", "nothing moved to the root")
+        XCTAssertFalse(fixture.writes.contains { $0.path == "cpu/tasks" || $0.path == "cpuset/tasks" }, "the roots were never written")
+        try fixture.write("cpu/\(partition.realtimeGroup)/tasks", "")
+        try partition.remove()
+        XCTAssertFalse(fixture.exists("cpu/rtvirt"))
+    }
+
     /// A task the partition cannot move out keeps the whole partition, budgets included; once
     /// it is gone, removal completes.
     func testRemovalWithATaskItCannotMoveGivesNoBudgetBack() throws {

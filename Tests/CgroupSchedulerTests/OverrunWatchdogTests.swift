@@ -1,6 +1,6 @@
-import CgroupScheduler
+@testable import CgroupScheduler
 import Foundation
-import RTVirtCore
+@testable import RTVirtCore
 import XCTest
 
 final class OverrunWatchdogTests: XCTestCase {
@@ -103,6 +103,49 @@ final class OverrunWatchdogTests: XCTestCase {
         XCTAssertTrue(event.actionSucceeded)
         XCTAssertGreaterThanOrEqual(event.lastPeriodNanoseconds, 18_000_000)
         XCTAssertEqual(try ThreadScheduling.schedulingClass(of: tid), .other(nice: 0), "demoted")
+    }
+
+    /// A watchdog nobody references any more stops its thread: the thread does not keep it.
+    func testADroppedWatchdogStopsItsThread() throws {
+        let started = LockedValue<[HostThread]>([])
+        var watchdog: OverrunWatchdog? = OverrunWatchdog(
+            configuration: .init(budget: RTBudget(parsing: "1ms/10ms")!), cpuTime: { _ in 0 }, clock: monotonicNanoseconds,
+            startThread: { name, body throws(HostThreadError) in
+                let thread = try HostThread(name: name, body)
+                started.withLock { $0.append(thread) }
+                return thread
+            })
+        try watchdog?.start()
+        let thread = try XCTUnwrap(started.withLock { $0.first })
+        XCTAssertFalse(thread.isFinished, "it runs")
+        watchdog = nil
+        XCTAssertTrue(thread.waitForFinish(timeoutNanoseconds: 10_000_000_000), "hang detector: the thread still runs 10 s after the watchdog was dropped")
+    }
+
+    /// A start whose thread could not be created leaves the watchdog stopped: the next start
+    /// starts it.
+    func testAStartThatCouldNotCreateTheThreadCanBeRetried() throws {
+        let attempts = LockedValue(0)
+        let started = LockedValue<[HostThread]>([])
+        let watchdog = OverrunWatchdog(
+            configuration: .init(budget: RTBudget(parsing: "1ms/10ms")!), cpuTime: { _ in 0 }, clock: monotonicNanoseconds,
+            startThread: { name, body throws(HostThreadError) in
+                let attempt = attempts.withLock { count -> Int in
+                    count += 1
+                    return count
+                }
+                if attempt == 1 { throw HostThreadError(name: name, code: EAGAIN) } // pthread_create's answer at a thread limit
+                let thread = try HostThread(name: name, body)
+                started.withLock { $0.append(thread) }
+                return thread
+            })
+        XCTAssertThrowsError(try watchdog.start()) { XCTAssertEqual($0 as? HostThreadError, HostThreadError(name: "rtvirt-watchdog", code: EAGAIN)) }
+        XCTAssertNoThrow(try watchdog.start())
+        XCTAssertEqual(attempts.withLock { $0 }, 2, "the second start tried again")
+        let thread = try XCTUnwrap(started.withLock { $0.first }, "the watchdog thread runs")
+        XCTAssertFalse(thread.isFinished)
+        watchdog.stop()
+        XCTAssertTrue(thread.isFinished, "stop waits for the thread")
     }
 }
 

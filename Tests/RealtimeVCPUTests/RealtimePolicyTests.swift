@@ -220,3 +220,146 @@ final class RealtimeFailureTests: XCTestCase {
         runner.stopAndWait()
     }
 }
+
+/// What applying a policy changes beyond the class comes back on restore: the process-wide
+/// memory lock and the thread's `SCHED_RESET_ON_FORK` flag.
+final class RealtimeRestoreTests: XCTestCase {
+    /// The process's locked memory (`VmLck` in /proc/self/status), kB.
+    static func lockedKilobytes() -> Int? {
+        guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return nil }
+        for line in status.split(separator: "\n") where line.hasPrefix("VmLck:") {
+            return Int(line.dropFirst("VmLck:".count).filter(\.isNumber))
+        }
+        return nil
+    }
+
+    /// A thread that applies `policy` when told to, then restores it when told to.
+    final class PolicyThread {
+        private let phase = ConditionLock(0)
+        private let thread: HostThread
+        let applied = LockedValue<Bool?>(nil)
+
+        init(_ name: String, policy: RealtimePolicy) throws {
+            let phase = phase, applied = applied
+            thread = try HostThread(name: name) {
+                let saved = try? RealtimeThreadPolicy.apply(policy)
+                applied.withLock { $0 = saved != nil }
+                phase.withLockAndBroadcast { $0 = 1 }
+                phase.wait(until: { $0 == 2 }) { _, _ in }
+                if let saved { RealtimeThreadPolicy.restore(saved) }
+                phase.withLockAndBroadcast { $0 = 3 }
+            }
+            phase.wait(until: { $0 == 1 }) { _, _ in }
+        }
+
+        func restore() {
+            phase.withLockAndBroadcast { $0 = 2 }
+            phase.wait(until: { $0 == 3 }) { _, _ in }
+            thread.join()
+        }
+    }
+
+    func testMemoryLockIsGivenBackWhenTheLastThreadThatAskedIsRestored() throws {
+        guard let before = Self.lockedKilobytes() else { throw unavailable("no VmLck in /proc/self/status") }
+        XCTAssertEqual(before, 0, "nothing else in the test process locks memory")
+        // SCHED_OTHER: the memory lock is what is tested, no real-time class is needed.
+        let policy = RealtimePolicy(schedulingClass: .other(), timerSlackNanoseconds: nil, lockMemory: true)
+        let first = try PolicyThread("mlock-1", policy: policy)
+        guard first.applied.withLock({ $0 }) == true else {
+            first.restore()
+            throw unavailable("mlockall is not permitted here (RLIMIT_MEMLOCK, no CAP_IPC_LOCK)")
+        }
+        XCTAssertGreaterThan(Self.lockedKilobytes() ?? 0, 0, "the process is locked")
+        XCTAssertEqual(ProcessMemoryLock.referenceCount, 1)
+        let second = try PolicyThread("mlock-2", policy: policy)
+        XCTAssertEqual(second.applied.withLock { $0 }, true)
+        XCTAssertEqual(ProcessMemoryLock.referenceCount, 2)
+        first.restore()
+        XCTAssertGreaterThan(Self.lockedKilobytes() ?? 0, 0, "still locked: the second thread asked for it too")
+        XCTAssertEqual(ProcessMemoryLock.referenceCount, 1)
+        second.restore()
+        XCTAssertEqual(Self.lockedKilobytes(), 0, "unlocked once the last thread that asked was restored")
+        XCTAssertEqual(ProcessMemoryLock.referenceCount, 0)
+    }
+
+    func testRestoreKeepsTheThreadsOwnResetOnForkFlag() throws {
+        try requireRealtimeOrSkip()
+        let observed = LockedValue<(before: Bool?, applied: Bool?, restored: Bool?, restoredClass: SchedulingClass?)>((nil, nil, nil, nil))
+        let thread = try HostThread(name: "rt-reset-fork") {
+            // The thread had the flag before any policy (a VMM that sets it on every thread).
+            try? ThreadScheduling.setSchedulingClass(.other(), resetOnFork: true)
+            let before = try? ThreadScheduling.resetsOnFork()
+            guard let saved = try? RealtimeThreadPolicy.apply(RealtimePolicy(schedulingClass: .fifo(priority: 10))) else { return }
+            let applied = try? ThreadScheduling.resetsOnFork()
+            RealtimeThreadPolicy.restore(saved)
+            observed.withLock { $0 = (before, applied, try? ThreadScheduling.resetsOnFork(), try? ThreadScheduling.schedulingClass()) }
+        }
+        thread.join()
+        let result = observed.withLock { $0 }
+        XCTAssertEqual(result.before, true)
+        XCTAssertEqual(result.applied, true)
+        XCTAssertEqual(result.restoredClass, .other(nice: 0))
+        XCTAssertEqual(result.restored, true, "the thread's own flag is restored, not cleared")
+    }
+}
+
+/// A deferred policy activated more than once keeps the state saved the first time.
+final class RealtimeReactivationTests: XCTestCase {
+    /// A partition whose assignments after the first fail.
+    final class FirstAssignmentOnly: CPUPartitionAssigner {
+        let assignments = LockedValue(0)
+        func assignRealtimeThread(_ threadID: pid_t) throws {
+            let count = assignments.withLock { count -> Int in
+                count += 1
+                return count
+            }
+            if count > 1 { throw SchedulingError.invalid(what: "a second assignment (test)") }
+        }
+        func releaseThread(_ threadID: pid_t) throws {}
+    }
+
+    /// Runs one never-exiting mock vCPU with a deferred FIFO policy; `activations` activates
+    /// it; returns the class, reset-on-fork flag and status its thread had once it ended.
+    func runActivated(partition: (any CPUPartitionAssigner)? = nil,
+                      _ activations: (RealtimeVCPUScheduler) -> Void) throws -> (SchedulingClass?, RealtimeVCPUScheduler.Status) {
+        let vm = try MockHypervisor().makeMockVirtualMachine()
+        let cpu = try vm.makeMockVCPU(id: 0) // blocks until kicked
+        let scheduler = RealtimeVCPUScheduler(policies: [0: RealtimePolicy(schedulingClass: .fifo(priority: 30), activation: .onRequest)],
+                                              partition: partition)
+        let atEnd = LockedValue<SchedulingClass?>(nil)
+        let runner = try VirtualMachineRunner(vcpus: [cpu], bus: IOBus(), onThreadStart: scheduler.threadStarted,
+                                              onThreadEnd: { vcpu in
+                                                  scheduler.threadEnded(vcpu)
+                                                  atEnd.withLock { $0 = try? ThreadScheduling.schedulingClass() } // after the restore
+                                              })
+        scheduler.attach(runner)
+        activations(scheduler)
+        runner.stopAndWait() // work queued before the stop runs first
+        return (atEnd.withLock { $0 }, scheduler.status(vcpu: 0))
+    }
+
+    func testActivatingAnAppliedPolicyAgainKeepsWhatTheThreadIsRestoredTo() throws {
+        try requireRealtimeOrSkip()
+        let (classAtEnd, status) = try runActivated { scheduler in
+            XCTAssertTrue(scheduler.activate(vcpu: 0))
+            let deadline = monotonicNanoseconds() + 10_000_000_000
+            while scheduler.status(vcpu: 0) == .pending && monotonicNanoseconds() < deadline { usleep(1000) }
+            guard case .applied? = Optional(scheduler.status(vcpu: 0)) else { return XCTFail("hang detector: \(scheduler.status(vcpu: 0))") }
+            XCTAssertTrue(scheduler.activate(vcpu: 0), "already applied: nothing to do")
+        }
+        XCTAssertEqual(status, .restored)
+        XCTAssertEqual(classAtEnd, .other(nice: 0), "restored to SCHED_OTHER, not to the policy's SCHED_FIFO")
+    }
+
+    func testASecondActivationThatWouldFailDoesNotDropTheSavedState() throws {
+        try requireRealtimeOrSkip()
+        let partition = FirstAssignmentOnly()
+        let (classAtEnd, status) = try runActivated(partition: partition) { scheduler in
+            XCTAssertTrue(scheduler.activate(vcpu: 0))
+            XCTAssertTrue(scheduler.activate(vcpu: 0)) // queued before the first ran, or after: either way a no-op
+        }
+        XCTAssertEqual(partition.assignments.withLock { $0 }, 1, "the policy was applied once")
+        XCTAssertEqual(status, .restored, "the thread was restored")
+        XCTAssertEqual(classAtEnd, .other(nice: 0))
+    }
+}

@@ -1,0 +1,48 @@
+import CKVMShim
+import Glibc
+@testable import KVMBackend
+import RTVirtCore
+import XCTest
+
+/// Failures part-way through a KVM call sequence must leave nothing registered with KVM.
+final class CleanupOnFailureTests: XCTestCase {
+    /// Registers (or, with `size` 0, removes) KVM memory slot `slot` directly, bypassing the
+    /// backend's bookkeeping. Returns 0 or the errno.
+    private func setSlot(_ vm: KVMVirtualMachine, slot: UInt32, base: UInt64, size: UInt64, host: UnsafeMutableRawPointer) -> Int32 {
+        var region = kvm_userspace_memory_region(
+            slot: slot, flags: 0, guest_phys_addr: base, memory_size: size, userspace_addr: UInt64(UInt(bitPattern: host)))
+        return rtv_kvm_set_user_memory_region(vm.descriptor.rawValue, &region) == 0 ? 0 : errno
+    }
+
+    func testMemoryPastTheRegionLimitIsRejectedAndLeavesNoSlotBehind() throws {
+        let kvm = try openKVMOrSkip()
+        let vm = try kvm.makeKVMVirtualMachine()
+        let kvmSlots = kvm.capabilityValue(.memorySlots)
+        let limit = min(kvmSlots > 0 ? kvmSlots : 32, GuestMemoryMap.maximumRegionCount)
+        let page = hostPageSize
+        for index in 0..<limit { try vm.addKVMMemory(at: GuestAddress(UInt64(index) * page), size: page) }
+        let past = UInt64(limit) * page
+        XCTAssertThrowsError(try vm.addKVMMemory(at: GuestAddress(past), size: page)) { error in
+            XCTAssertEqual(error as? KVMError, .invalidMemoryRegion(.tooManyRegions(limit: limit)))
+        }
+        XCTAssertEqual(vm.memoryRegions.count, limit)
+
+        // The memory that was added still works.
+        try vm.guestMemory.write(UInt64(0x1122_3344_5566_7788), at: GuestAddress(8))
+        try vm.guestMemory.write(UInt64(0x8877_6655_4433_2211), at: GuestAddress(past - 8))
+        XCTAssertEqual(try vm.guestMemory.read(UInt64.self, at: GuestAddress(8)), 0x1122_3344_5566_7788)
+        XCTAssertEqual(try vm.guestMemory.read(UInt64.self, at: GuestAddress(past - 8)), 0x8877_6655_4433_2211)
+
+        // KVM refuses a slot that overlaps another one (EEXIST). So a slot of our own at the
+        // rejected range registers only if the rejected add left no KVM slot there (one that
+        // would point at host memory the backend has unmapped). Needs a slot number KVM
+        // accepts beyond the backend's limit; without one, the backend never reaches KVM's limit.
+        guard kvmSlots > limit + 1 else { return }
+        let probe = try AnonymousMemoryMapping(size: page)
+        let probeSlot = UInt32(kvmSlots - 1)
+        let result = setSlot(vm, slot: probeSlot, base: past, size: page, host: probe.pointer)
+        XCTAssertEqual(result, 0, "a KVM slot still covers the rejected range: errno \(result)")
+        if result == 0 { XCTAssertEqual(setSlot(vm, slot: probeSlot, base: past, size: 0, host: probe.pointer), 0) }
+        withExtendedLifetime(probe) {}
+    }
+}

@@ -121,16 +121,27 @@ public final class KVMVirtualMachine: VirtualMachine {
     public func makeVCPU(id: Int) throws -> any VirtualCPU { try makeKVMVCPU(id: id) }
 
     /// Creates vCPU `id` and maps its `kvm_run` area.
+    ///
+    /// KVM cannot delete a vCPU: once `KVM_CREATE_VCPU` succeeded the id stays taken even if
+    /// mapping `kvm_run` then fails, and a later call for it throws `.vcpuIDOutOfRange`.
     /// - Throws: `KVMError.vcpuIDOutOfRange` for an id outside `0 ..< maximumVCPUCount` or one
-    ///   already created; `.ioctlFailed` when the kernel refuses.
+    ///   already created (also when KVM reports it exists); `.runAreaMappingFailed`;
+    ///   `.ioctlFailed` when the kernel refuses otherwise.
     public func makeKVMVCPU(id: Int) throws(KVMError) -> KVMVirtualCPU {
         try bookkeeping.withLock { (book) throws(KVMError) -> KVMVirtualCPU in
             guard id >= 0, id < maximumVCPUCount, !book.createdVCPUs.contains(id) else {
                 throw .vcpuIDOutOfRange(id: id, limit: maximumVCPUCount)
             }
-            let vcpu = try KVMVirtualCPU(vm: self, id: id)
+            let fd: Int32
+            do throws(KVMError) {
+                fd = try checkedIoctl("KVM_CREATE_VCPU") { rtv_kvm_create_vcpu(descriptor.rawValue, UInt(id)) }
+            } catch .ioctlFailed(_, .fileExists) {
+                book.createdVCPUs.insert(id)
+                throw .vcpuIDOutOfRange(id: id, limit: maximumVCPUCount)
+            }
+            // KVM has the vCPU now, whatever happens next.
             book.createdVCPUs.insert(id)
-            return vcpu
+            return try KVMVirtualCPU(vm: self, id: id, descriptor: OwnedDescriptor(fd))
         }
     }
 }

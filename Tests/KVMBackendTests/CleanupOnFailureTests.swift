@@ -46,3 +46,21 @@ final class CleanupOnFailureTests: XCTestCase {
         withExtendedLifetime(probe) {}
     }
 }
+
+extension CleanupOnFailureTests {
+    /// A vCPU that KVM has but the backend did not record (as after `KVM_CREATE_VCPU`
+    /// succeeded and mapping its `kvm_run` area failed) is reported as already created.
+    func testAVCPUThatKVMAlreadyHasIsReportedAsAlreadyCreated() throws {
+        let vm = try openKVMOrSkip().makeKVMVirtualMachine()
+        let fd = rtv_kvm_create_vcpu(vm.descriptor.rawValue, 1)
+        XCTAssertGreaterThanOrEqual(fd, 0, "KVM_CREATE_VCPU: errno \(errno)")
+        if fd >= 0 { close(fd) } // KVM keeps the vCPU until the VM goes
+        XCTAssertThrowsError(try vm.makeKVMVCPU(id: 1)) { error in
+            XCTAssertEqual(error as? KVMError, .vcpuIDOutOfRange(id: 1, limit: vm.maximumVCPUCount))
+        }
+        XCTAssertThrowsError(try vm.makeKVMVCPU(id: 1)) { error in
+            XCTAssertEqual(error as? KVMError, .vcpuIDOutOfRange(id: 1, limit: vm.maximumVCPUCount))
+        }
+        XCTAssertNoThrow(try vm.makeKVMVCPU(id: 0), "other ids are unaffected")
+    }
+}

@@ -64,3 +64,45 @@ extension CleanupOnFailureTests {
         XCTAssertNoThrow(try vm.makeKVMVCPU(id: 0), "other ids are unaffected")
     }
 }
+
+private struct DescriptorLimitSetupFailed: Error {
+    var call: String
+    var errno: Int32
+}
+
+extension CleanupOnFailureTests {
+    /// Runs `body` while this process can open no further descriptor: the soft
+    /// `RLIMIT_NOFILE` is lowered to the lowest free descriptor number (XCTest runs one test at
+    /// a time, and the window is one call long), and restored afterwards.
+    private func withoutFreeDescriptors<R>(_ body: () throws -> R) throws -> R {
+        var saved = rlimit()
+        guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &saved) == 0 else { throw DescriptorLimitSetupFailed(call: "getrlimit", errno: errno) }
+        let lowestFree = open("/dev/null", O_RDONLY)
+        guard lowestFree >= 0 else { throw DescriptorLimitSetupFailed(call: "open /dev/null", errno: errno) }
+        close(lowestFree)
+        var lowered = saved
+        lowered.rlim_cur = rlim_t(lowestFree)
+        guard setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &lowered) == 0 else { throw DescriptorLimitSetupFailed(call: "setrlimit", errno: errno) }
+        defer { _ = setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &saved) }
+        return try body()
+    }
+
+    func testAFailedMSIConnectionLeavesTheRoutingTableAsItWas() throws {
+        let kvm = try openKVMOrSkip()
+        for capability in [KVMCapability.irqchip, .irqRouting, .irqfd] where !kvm.hasCapability(capability) {
+            throw unavailable("this kernel's KVM lacks \(capability)")
+        }
+        let vm = try kvm.makeKVMVirtualMachine()
+        try vm.createInterruptController()
+        let message = X86MSIMessage.localAPIC(apicID: 0, vector: 0x40)
+        // eventfd cannot be created: KVM_SET_GSI_ROUTING has run, connecting the line fails.
+        let failure = try withoutFreeDescriptors { () -> (any Error)? in
+            do { _ = try vm.connectMSI(message); return nil } catch { return error }
+        }
+        XCTAssertEqual(failure as? KVMError, .ioctlFailed(operation: "eventfd", errno: .tooManyOpenFiles))
+        XCTAssertNil(vm.installedInterruptRoutes, "the failed route must be rolled back")
+        let connection = try vm.connectMSI(message)
+        XCTAssertEqual(connection.gsi, KVMInterruptRoute.firstFreeGSI, "the failed GSI is free again")
+        XCTAssertEqual(vm.installedInterruptRoutes, KVMInterruptRoute.defaultX86 + [.msi(gsi: connection.gsi, message: message)])
+    }
+}

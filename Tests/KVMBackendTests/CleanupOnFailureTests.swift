@@ -11,6 +11,7 @@ final class CleanupOnFailureTests: XCTestCase {
     private func setSlot(_ vm: KVMVirtualMachine, slot: UInt32, base: UInt64, size: UInt64, host: UnsafeMutableRawPointer) -> Int32 {
         var region = kvm_userspace_memory_region(
             slot: slot, flags: 0, guest_phys_addr: base, memory_size: size, userspace_addr: UInt64(UInt(bitPattern: host)))
+        // Sound: the kernel reads the structure during the call only.
         return rtv_kvm_set_user_memory_region(vm.descriptor.rawValue, &region) == 0 ? 0 : errno
     }
 

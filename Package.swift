@@ -147,7 +147,7 @@ let package = Package(
         .testTarget(name: "X86GuestSetupTests", dependencies: ["X86GuestSetup", "RTVirtCore", "KVMBackend", "RTVirtGuestImage", "PacketRing"]),
         .testTarget(
             name: "KVMBackendTests",
-            dependencies: ["KVMBackend", "RTVirtCore", "LongPoll", "RealtimeVCPU", "X86GuestSetup", "VMRPC", "RTVirtTesting", "RTVirtGuestImage"]
+            dependencies: ["KVMBackend", "CKVMShim", "RTVirtCore", "LongPoll", "RealtimeVCPU", "X86GuestSetup", "VMRPC", "RTVirtTesting", "RTVirtGuestImage"]
         ),
         .testTarget(
             name: "VMRPCTests",

@@ -15,7 +15,7 @@ public enum KVMError: Error, Equatable, Sendable, CustomStringConvertible {
     case missingCapability(KVMCapability)
     /// An ioctl failed.
     case ioctlFailed(operation: String, errno: Errno)
-    /// A vCPU id outside `0 ..< limit`.
+    /// A vCPU id outside `0 ..< limit`, or one the VM already created.
     case vcpuIDOutOfRange(id: Int, limit: Int)
     /// A memory region was rejected before it reached the kernel.
     case invalidMemoryRegion(MemoryLayoutError)

@@ -201,20 +201,31 @@ extension KVMVirtualMachine {
     /// eventfd to it (`KVM_SET_GSI_ROUTING` then `KVM_IRQFD`): each `signal()` of the result
     /// delivers the MSI to its LAPIC from the kernel's eventfd wake-up, with no ioctl and no exit
     /// on the VMM's side — virtio-pci's MSI-X vector with vhost, in miniature. The route stays
-    /// installed after the eventfd is disconnected. Needs the in-kernel interrupt controller.
+    /// installed after the eventfd is disconnected. If the eventfd cannot be created or
+    /// connected, the previous routing table is put back. Needs the in-kernel interrupt controller.
     public func connectMSI(_ message: X86MSIMessage) throws(KVMError) -> KVMInterruptEventFD {
         guard hasInterruptController else { throw .missingCapability(.irqchip) }
         guard system.hasCapability(.irqRouting) else { throw .missingCapability(.irqRouting) }
         guard system.hasCapability(.irqfd) else { throw .missingCapability(.irqfd) }
-        let gsi = try interruptRoutes.withLock { (installed) throws(KVMError) -> UInt32 in
+        // Under the routes lock throughout, so that a rollback cannot drop another caller's route.
+        return try interruptRoutes.withLock { (installed) throws(KVMError) -> KVMInterruptEventFD in
             let table = installed ?? KVMInterruptRoute.defaultX86
             let gsi = max(KVMInterruptRoute.firstFreeGSI, (table.map(\.gsi).max() ?? 0) + 1)
             let updated = table + [.msi(gsi: gsi, message: message)]
             try Self.install(updated, on: descriptor.rawValue)
-            installed = updated
-            return gsi
+            do throws(KVMError) {
+                let connection = try connectInterruptLine(gsi)
+                installed = updated
+                return connection
+            } catch let connectFailure {
+                do throws(KVMError) {
+                    try Self.install(table, on: descriptor.rawValue)
+                } catch {
+                    installed = updated // the kernel still has the new route
+                }
+                throw connectFailure
+            }
         }
-        return try connectInterruptLine(gsi)
     }
 
     /// The routing table this backend installed, or nil while KVM's default is in force.

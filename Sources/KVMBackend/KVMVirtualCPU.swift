@@ -27,13 +27,13 @@ public final class KVMVirtualCPU: VirtualCPU, @unchecked Sendable {
     /// The last thread whose signal mask was checked to let the kick signal through.
     private let kickableThread = LockedValue<pthread_t?>(nil)
 
-    init(vm: KVMVirtualMachine, id: Int) throws(KVMError) {
+    /// Takes over `descriptor`, the result of `KVM_CREATE_VCPU` for `id` (closed if this throws).
+    init(vm: KVMVirtualMachine, id: Int, descriptor: OwnedDescriptor) throws(KVMError) {
         self.vm = vm
         self.id = id
-        let fd = try checkedIoctl("KVM_CREATE_VCPU") { rtv_kvm_create_vcpu(vm.descriptor.rawValue, UInt(id)) }
-        descriptor = OwnedDescriptor(fd)
+        self.descriptor = descriptor
         runAreaSize = vm.system.vcpuRunAreaSize
-        let mapped = mmap(nil, runAreaSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        let mapped = mmap(nil, runAreaSize, PROT_READ | PROT_WRITE, MAP_SHARED, descriptor.rawValue, 0)
         guard let mapped, mapped != MAP_FAILED else { throw .runAreaMappingFailed(errno: Errno(rawValue: errno)) }
         // Sound: KVM maps a `struct kvm_run` at offset 0 of the vCPU descriptor.
         runArea = mapped.assumingMemoryBound(to: kvm_run.self)

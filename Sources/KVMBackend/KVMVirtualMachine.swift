@@ -20,11 +20,15 @@ public final class KVMVirtualMachine: VirtualMachine {
     public var memoryRegions: [GuestMemoryRegion] { memoryMap.regions }
     private let memoryMap = GuestMemoryMap()
     public let maximumVCPUCount: Int
-    /// How many memory slots this VM may use.
+    /// How many memory slots this VM may use: KVM's limit (`KVM_CAP_NR_MEMSLOTS`), capped at
+    /// `GuestMemoryMap.maximumRegionCount`, since every slot is also a region of `guestMemory`.
     public let memorySlotLimit: Int
 
     private struct Bookkeeping {
         var nextSlot: UInt32 = 0
+        /// Mappings whose KVM slot could not be unregistered after a failed add: kept mapped for
+        /// the VM's lifetime so that no other host memory ever appears behind that slot.
+        var strandedMappings: [AnonymousMemoryMapping] = []
         var createdVCPUs: Set<Int> = []
         var hasInterruptController = false
     }
@@ -44,7 +48,7 @@ public final class KVMVirtualMachine: VirtualMachine {
         descriptor = OwnedDescriptor(fd)
         maximumVCPUCount = system.maximumVCPUCount
         let slots = system.capabilityValue(.memorySlots)
-        memorySlotLimit = slots > 0 ? slots : 32
+        memorySlotLimit = min(slots > 0 ? slots : 32, GuestMemoryMap.maximumRegionCount)
         if system.hasCapability(.setTSSAddress) {
             _ = try checkedIoctl("KVM_SET_TSS_ADDR") { rtv_kvm_set_tss_addr(fd, Self.tssAddress) }
         }
@@ -53,8 +57,12 @@ public final class KVMVirtualMachine: VirtualMachine {
     public func addMemory(at base: GuestAddress, size: UInt64) throws { try addKVMMemory(at: base, size: size) }
 
     /// Maps `size` bytes of anonymous memory and registers it as a KVM memory slot at `base`.
+    ///
+    /// On any failure nothing is left behind: no KVM slot and no mapping (a slot that KVM
+    /// accepted is unregistered again before its memory is unmapped).
     /// - Throws: `KVMError.invalidMemoryRegion` for unaligned, empty, overlapping or too many
-    ///   regions (nothing is mapped then); `.ioctlFailed` when the kernel refuses the slot.
+    ///   regions (past `memorySlotLimit`; nothing is mapped then); `.ioctlFailed` when the kernel
+    ///   refuses the slot.
     @discardableResult
     public func addKVMMemory(at base: GuestAddress, size: UInt64) throws(KVMError) -> GuestMemoryRegion {
         try bookkeeping.withLock { (book) throws(KVMError) -> GuestMemoryRegion in
@@ -77,7 +85,23 @@ public final class KVMVirtualMachine: VirtualMachine {
             _ = try checkedIoctl("KVM_SET_USER_MEMORY_REGION") {
                 rtv_kvm_set_user_memory_region(descriptor.rawValue, &slot)
             }
-            do throws(MemoryLayoutError) { try memoryMap.insert(region) } catch { throw .invalidMemoryRegion(error) }
+            do throws(MemoryLayoutError) {
+                try memoryMap.insert(region)
+            } catch {
+                // KVM already points the slot at this mapping: unregister it before the mapping
+                // goes, or host memory mapped there later would become guest-visible.
+                slot.memory_size = 0
+                do {
+                    _ = try checkedIoctl("KVM_SET_USER_MEMORY_REGION (removing a slot)") {
+                        rtv_kvm_set_user_memory_region(descriptor.rawValue, &slot)
+                    }
+                } catch {
+                    // The slot stays registered: keep its memory mapped and never reuse the slot.
+                    book.strandedMappings.append(region.mapping)
+                    book.nextSlot += 1
+                }
+                throw .invalidMemoryRegion(error)
+            }
             book.nextSlot += 1
             return region
         }
@@ -97,16 +121,27 @@ public final class KVMVirtualMachine: VirtualMachine {
     public func makeVCPU(id: Int) throws -> any VirtualCPU { try makeKVMVCPU(id: id) }
 
     /// Creates vCPU `id` and maps its `kvm_run` area.
+    ///
+    /// KVM cannot delete a vCPU: once `KVM_CREATE_VCPU` succeeded the id stays taken even if
+    /// mapping `kvm_run` then fails, and a later call for it throws `.vcpuIDOutOfRange`.
     /// - Throws: `KVMError.vcpuIDOutOfRange` for an id outside `0 ..< maximumVCPUCount` or one
-    ///   already created; `.ioctlFailed` when the kernel refuses.
+    ///   already created (also when KVM reports it exists); `.runAreaMappingFailed`;
+    ///   `.ioctlFailed` when the kernel refuses otherwise.
     public func makeKVMVCPU(id: Int) throws(KVMError) -> KVMVirtualCPU {
         try bookkeeping.withLock { (book) throws(KVMError) -> KVMVirtualCPU in
             guard id >= 0, id < maximumVCPUCount, !book.createdVCPUs.contains(id) else {
                 throw .vcpuIDOutOfRange(id: id, limit: maximumVCPUCount)
             }
-            let vcpu = try KVMVirtualCPU(vm: self, id: id)
+            let fd: Int32
+            do throws(KVMError) {
+                fd = try checkedIoctl("KVM_CREATE_VCPU") { rtv_kvm_create_vcpu(descriptor.rawValue, UInt(id)) }
+            } catch .ioctlFailed(_, .fileExists) {
+                book.createdVCPUs.insert(id)
+                throw .vcpuIDOutOfRange(id: id, limit: maximumVCPUCount)
+            }
+            // KVM has the vCPU now, whatever happens next.
             book.createdVCPUs.insert(id)
-            return vcpu
+            return try KVMVirtualCPU(vm: self, id: id, descriptor: OwnedDescriptor(fd))
         }
     }
 }

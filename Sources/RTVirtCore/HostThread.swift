@@ -63,7 +63,8 @@ public final class HostThread: Sendable {
     /// The kernel thread id (what `gettid()` returns on the thread).
     public var kernelThreadID: pid_t { state.withLock { $0.kernelThreadID ?? 0 } }
 
-    /// The pthread handle. Valid until `join()` returns.
+    /// The pthread handle. Valid until `join()` returns (or, once the thread detached itself,
+    /// until it ends).
     public var pthread: pthread_t { handle }
 
     /// Whether the closure has returned.
@@ -75,12 +76,22 @@ public final class HostThread: Sendable {
     }
 
     /// Waits for the thread to end and releases it. Safe to call more than once.
+    ///
+    /// Called on the thread itself (from its body, or by dropping the last reference to this
+    /// object there), it cannot wait for itself: it detaches the thread instead, so that the
+    /// thread is released when it ends, and returns at once.
     public func join() {
         let shouldJoin = state.withLock { state -> Bool in
             defer { state.joined = true }
             return !state.joined
         }
-        if shouldJoin { pthread_join(handle, nil) }
+        guard shouldJoin else { return }
+        if pthread_equal(handle, pthread_self()) != 0 {
+            // pthread_join on the calling thread fails with EDEADLK and would leave it unreleased.
+            pthread_detach(handle)
+        } else {
+            pthread_join(handle, nil)
+        }
     }
 
     deinit {

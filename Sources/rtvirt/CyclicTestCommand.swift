@@ -190,6 +190,10 @@ struct CyclicTestCommand: ParsableCommand {
         guard online.contains(measuringCPU) else { throw ValidationError("CPU \(measuringCPU) is not available (online: \(online))") }
         let policy = RealtimePolicy(schedulingClass: priority == 0 ? .other() : .fifo(priority: priority),
                                     cpus: CPUSet([measuringCPU]), timerSlackNanoseconds: 1, lockMemory: true)
+        // Held for the whole run, so that the measuring threads' own references (taken and given
+        // back each round) never unlock and re-lock the process between rounds.
+        do { try ProcessMemoryLock.acquire() } catch { throw CyclicTestError.policy("cannot lock memory: \(error)") }
+        defer { ProcessMemoryLock.release() }
         let settings = CyclicSettings(intervalMicroseconds: interval, policy: policy, measuringCPU: measuringCPU,
                                       earlyReleasePercentile: releasePercentile)
         let lapicAdvance = files.readLine("/sys/module/kvm/parameters/lapic_timer_advance")

@@ -247,7 +247,11 @@ struct NetLatencyCommand: ParsableCommand {
             throw ValidationError("CPU \(cpu) is not available (online: \(online))")
         }
         let schedulingClass: SchedulingClass = options.priority == 0 ? .other() : .fifo(priority: options.priority)
-        let servicePolicy = RealtimePolicy(schedulingClass: schedulingClass, cpus: CPUSet([rtCPU]), timerSlackNanoseconds: 1, lockMemory: true)
+        // Memory is locked once for the whole run (as `cyclictest -m` does), not by each service
+        // thread's policy: those threads end without a restore, and the lock is process-wide.
+        do { try ProcessMemoryLock.acquire() } catch { throw NetLatencyRunError.policy("cannot lock memory: \(error)") }
+        defer { ProcessMemoryLock.release() }
+        let servicePolicy = RealtimePolicy(schedulingClass: schedulingClass, cpus: CPUSet([rtCPU]), timerSlackNanoseconds: 1, lockMemory: false)
         let testerPolicy = RealtimePolicy(schedulingClass: schedulingClass, cpus: CPUSet([testerCPU]), timerSlackNanoseconds: 1, lockMemory: false)
         let mechanism = NetInterruptMechanism(rawValue: options.interrupt) ?? .irqfd
         let progress = ProgressLine(enabled: progressEnabled ?? (isatty(STDERR_FILENO) == 1 && !options.json))

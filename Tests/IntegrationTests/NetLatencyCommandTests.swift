@@ -4,6 +4,7 @@ import Glibc
 import Foundation
 import KVMBackend
 import NetLatency
+import RealtimeVCPU
 import RTVirtCore
 import RTVirtTesting
 @testable import rtvirt
@@ -51,6 +52,7 @@ final class NetLatencyCommandTests: XCTestCase {
         XCTAssertTrue(outcome.text.contains("instrument floor"))
         XCTAssertTrue(outcome.text.contains("Targets"))
         XCTAssertEqual(leftovers(), [], "namespaces and veth removed")
+        XCTAssertEqual(ProcessMemoryLock.referenceCount, 0, "every memory-lock reference was given back (the process is unlocked)")
 
         let json = try JSONEncoder().encode(report)
         let object = try XCTUnwrap(JSONSerialization.jsonObject(with: json) as? [String: Any])

@@ -261,7 +261,7 @@ final class RealtimeRestoreTests: XCTestCase {
 
     func testMemoryLockIsGivenBackWhenTheLastThreadThatAskedIsRestored() throws {
         guard let before = Self.lockedKilobytes() else { throw unavailable("no VmLck in /proc/self/status") }
-        XCTAssertEqual(before, 0, "nothing else in the test process locks memory")
+        XCTAssertEqual(before, 0, "nothing else in the test process locks memory (RTVirt references held: \(ProcessMemoryLock.referenceCount))")
         // SCHED_OTHER: the memory lock is what is tested, no real-time class is needed.
         let policy = RealtimePolicy(schedulingClass: .other(), timerSlackNanoseconds: nil, lockMemory: true)
         let first = try PolicyThread("mlock-1", policy: policy)

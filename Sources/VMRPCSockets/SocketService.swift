@@ -127,30 +127,35 @@ public final class VMRPCSocketService: Sendable {
     // MARK: The procedures
 
     /// Every `net.*` procedure, to register on a `VMRPCServer`.
+    ///
+    /// The ones that wait for the network (connect, accept, the receives, wait) are marked
+    /// `blocking`: an exitless poller never runs them, it hands them to the vCPU's doorbell, so a
+    /// receive is always a long poll on the vCPU's own thread. Sends and the other calls may be
+    /// answered by the poller (a send that must wait for buffer space is handed over too).
     public var procedures: [VMRPCProcedure] {
         let inline = SocketWire.maximumInlinePayload
         return [
             .typed(id: SocketProcedureID.open, name: "net.open", argumentLength: 8...8, arguments: SocketOpenArguments.self) { [self] in open($1) },
             .typed(id: SocketProcedureID.close, name: "net.close", argumentLength: 8...8, arguments: SocketHandleArguments.self) { [self] in close($1) },
             .typed(id: SocketProcedureID.bind, name: "net.bind", argumentLength: 32...32, arguments: SocketBindArguments.self) { [self] in bind($1) },
-            .typed(id: SocketProcedureID.connect, name: "net.connect", argumentLength: 40...40, arguments: SocketConnectArguments.self) { [self] in connect($1) },
+            .typed(id: SocketProcedureID.connect, name: "net.connect", argumentLength: 40...40, blocking: true, arguments: SocketConnectArguments.self) { [self] in connect($1) },
             .typed(id: SocketProcedureID.listen, name: "net.listen", argumentLength: 16...16, arguments: SocketControlArguments.self) { [self] in listen($1) },
-            .typed(id: SocketProcedureID.accept, name: "net.accept", argumentLength: 16...16, arguments: SocketAcceptArguments.self) { [self] in accept($1) },
+            .typed(id: SocketProcedureID.accept, name: "net.accept", argumentLength: 16...16, blocking: true, arguments: SocketAcceptArguments.self) { [self] in accept($1) },
             VMRPCProcedure(id: SocketProcedureID.send, name: "net.send", argumentLength: 32...(32 + inline)) { [self] _, bytes in
                 do throws(VMRPCStatus) { return send(try SocketSendArguments.decode(bytes, withDestination: false)) } catch { return .failed(error) }
             },
             VMRPCProcedure(id: SocketProcedureID.sendTo, name: "net.sendTo", argumentLength: 56...(56 + inline)) { [self] _, bytes in
                 do throws(VMRPCStatus) { return send(try SocketSendArguments.decode(bytes, withDestination: true)) } catch { return .failed(error) }
             },
-            .typed(id: SocketProcedureID.receive, name: "net.receive", argumentLength: 32...32, arguments: SocketReceiveArguments.self) { [self] in receive($1, withSource: false) },
-            .typed(id: SocketProcedureID.receiveFrom, name: "net.receiveFrom", argumentLength: 32...32, arguments: SocketReceiveArguments.self) { [self] in receive($1, withSource: true) },
+            .typed(id: SocketProcedureID.receive, name: "net.receive", argumentLength: 32...32, blocking: true, arguments: SocketReceiveArguments.self) { [self] in receive($1, withSource: false) },
+            .typed(id: SocketProcedureID.receiveFrom, name: "net.receiveFrom", argumentLength: 32...32, blocking: true, arguments: SocketReceiveArguments.self) { [self] in receive($1, withSource: true) },
             .typed(id: SocketProcedureID.shutdown, name: "net.shutdown", argumentLength: 16...16, arguments: SocketControlArguments.self) { [self] in shutdown($1) },
             .typed(id: SocketProcedureID.getSocketName, name: "net.getsockname", argumentLength: 8...8, arguments: SocketHandleArguments.self) { [self] in name($1, peer: false) },
             .typed(id: SocketProcedureID.getPeerName, name: "net.getpeername", argumentLength: 8...8, arguments: SocketHandleArguments.self) { [self] in name($1, peer: true) },
             .typed(id: SocketProcedureID.setOption, name: "net.setOption", argumentLength: 16...16, arguments: SocketControlArguments.self) { [self] in setOption($1) },
             .typed(id: SocketProcedureID.getOption, name: "net.getOption", argumentLength: 16...16, arguments: SocketControlArguments.self) { [self] in getOption($1) },
-            .typed(id: SocketProcedureID.wait, name: "net.wait", argumentLength: 32...(16 + 16 * SocketWire.maximumWaitEntries), arguments: SocketWaitArguments.self) { [self] in wait($1) },
-            .typed(id: SocketProcedureID.receiveBatch, name: "net.receiveBatch", argumentLength: 40...40, arguments: SocketBatchArguments.self) { [self] in receiveBatch($1) },
+            .typed(id: SocketProcedureID.wait, name: "net.wait", argumentLength: 32...(16 + 16 * SocketWire.maximumWaitEntries), blocking: true, arguments: SocketWaitArguments.self) { [self] in wait($1) },
+            .typed(id: SocketProcedureID.receiveBatch, name: "net.receiveBatch", argumentLength: 40...40, blocking: true, arguments: SocketBatchArguments.self) { [self] in receiveBatch($1) },
             .typed(id: SocketProcedureID.sendBatch, name: "net.sendBatch", argumentLength: 40...40, arguments: SocketBatchArguments.self) { [self] in sendBatch($1) },
         ]
     }

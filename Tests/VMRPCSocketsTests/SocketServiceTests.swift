@@ -258,6 +258,48 @@ final class SocketServiceTests: XCTestCase {
         XCTAssertEqual(result?.events, [.invalid, [], .readable], "each entry its own socket's events")
     }
 
+    /// Posted exitlessly, a receive is never run by the poller (it waits for the network): the
+    /// poller hands it to the doorbell unrun, and the vCPU's own thread receives. A send is
+    /// answered by the poller without an exit.
+    func testThePollerHandsReceivesToTheDoorbellAndAnswersSends() throws {
+        let harness = try SocketHarness()
+        let client = harness.client()
+        let handle = try openUDP(client)
+        harness.backend.deliver([9, 8, 7], toPort: 7000, from: .at("198.18.0.1", 1))
+        let poller = VMRPCPoller.manual()
+        try poller.attach(harness.server)
+        let slot = SocketHarness.slotBase, memory = harness.memory
+        func word(_ offset: Int) -> GuestAddress { GuestAddress(slot.rawValue + UInt64(offset)) }
+        func post(_ procedure: UInt32, _ sequence: UInt32, _ arguments: [UInt8]) throws {
+            let header = VMRPCRequestHeader(procedure: procedure, sequence: sequence, argumentLength: UInt32(arguments.count),
+                                            features: .exitless)
+            try memory.write(bytes: header.bytes, at: slot)
+            try memory.write(bytes: arguments, at: word(VMRPCWire.argumentsOffset))
+            try memory.atomicStore(UInt32(1), at: word(VMRPCWire.postedOffset), ordering: .releasing)
+        }
+        func completed() throws -> UInt32 { try memory.atomicLoad(UInt32.self, at: word(VMRPCWire.completedOffset), ordering: .acquiring) }
+
+        for procedure in [SocketProcedureID.receive, SocketProcedureID.receiveFrom] {
+            let sequence = procedure
+            try post(procedure, sequence, SocketReceiveArguments(handle: handle, timeoutNanoseconds: 0, capacity: 8).encoded)
+            XCTAssertEqual(poller.scanOnce(), 1)
+            XCTAssertNotEqual(try completed(), sequence, "not answered by the poller")
+            XCTAssertEqual(harness.service.statistics.receives, procedure == SocketProcedureID.receive ? 0 : 1, "not run by the poller")
+            XCTAssertEqual(try memory.atomicLoad(UInt32.self, at: word(VMRPCWire.needsDoorbellOffset), ordering: .acquiring), 1)
+            harness.server.handleDoorbell(vcpu: 0)
+            XCTAssertEqual(try completed(), sequence, "answered on the doorbell")
+        }
+        XCTAssertEqual(harness.service.statistics.receives, 1, "the datagram was received once, on the vCPU's thread")
+        XCTAssertEqual(harness.server.statistics(vcpu: 0)?.handoffs, 2)
+
+        let send = SocketSendArguments(handle: handle, destination: .at("198.18.0.1", 9), payload: [1, 2])
+        try post(SocketProcedureID.sendTo, 99, send.encoded)
+        XCTAssertEqual(poller.scanOnce(), 1)
+        XCTAssertEqual(try completed(), 99, "a send is answered by the poller, without an exit")
+        XCTAssertEqual(harness.backend.sent.count, 1)
+        XCTAssertEqual(harness.server.statistics(vcpu: 0)?.exitlessCalls, 1)
+    }
+
     func testOptionsNamesAndShutdown() throws {
         let harness = try SocketHarness()
         let client = harness.client()

@@ -12,23 +12,8 @@ public func fuzzOneInput(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
 }
 
 #if !FUZZING
-import Foundation
-
 @main
 struct VMRPCFuzzReplayer {
-    static func main() {
-        let paths = CommandLine.arguments.dropFirst()
-        if paths.isEmpty {
-            print("usage: VMRPCFuzzer FILE... (built with -DFUZZING and --sanitize=fuzzer it is a libFuzzer target)")
-            exit(2)
-        }
-        for path in paths {
-            guard let data = FileManager.default.contents(atPath: path) else {
-                print("cannot read \(path)")
-                exit(1)
-            }
-            print("\(path): \(VMRPCFuzzHarness.run(Array(data)))")
-        }
-    }
+    static func main() { FuzzReplay.main(program: "VMRPCFuzzer", VMRPCFuzzHarness.run) }
 }
 #endif

@@ -13,23 +13,8 @@ public func fuzzOneInput(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
 }
 
 #if !FUZZING
-import Foundation
-
 @main
 struct SocketsFuzzReplayer {
-    static func main() {
-        let paths = CommandLine.arguments.dropFirst()
-        if paths.isEmpty {
-            print("usage: VMRPCSocketsFuzzer FILE... (built with -DFUZZING and --sanitize=fuzzer it is a libFuzzer target)")
-            exit(2)
-        }
-        for path in paths {
-            guard let data = FileManager.default.contents(atPath: path) else {
-                print("cannot read \(path)")
-                exit(1)
-            }
-            print("\(path): \(SocketsFuzzHarness.run(Array(data)))")
-        }
-    }
+    static func main() { FuzzReplay.main(program: "VMRPCSocketsFuzzer", SocketsFuzzHarness.run) }
 }
 #endif

@@ -143,17 +143,26 @@ long rtv_sock_receive(int fd, void *data, size_t capacity, struct rtv_sock_endpo
 
 #define RTV_SOCK_BATCH_MAX 64
 
+/* Zeroes `count` messages and points each at its datagram's buffer: `capacity` bytes to receive
+ * into, or `length` bytes to send. */
+static void batch_messages(struct mmsghdr *messages, struct iovec *vectors, const struct rtv_sock_datagram *datagrams,
+                           unsigned count, int receiving) {
+    memset(messages, 0, sizeof(struct mmsghdr) * count);
+    for (unsigned i = 0; i < count; i++) {
+        vectors[i].iov_base = datagrams[i].data;
+        vectors[i].iov_len = receiving ? datagrams[i].capacity : datagrams[i].length;
+        messages[i].msg_hdr.msg_iov = &vectors[i];
+        messages[i].msg_hdr.msg_iovlen = 1;
+    }
+}
+
 int rtv_sock_receive_batch(int fd, struct rtv_sock_datagram *datagrams, unsigned count) {
     if (count > RTV_SOCK_BATCH_MAX) count = RTV_SOCK_BATCH_MAX;
     struct mmsghdr messages[RTV_SOCK_BATCH_MAX];
     struct iovec vectors[RTV_SOCK_BATCH_MAX];
     struct sockaddr_storage addresses[RTV_SOCK_BATCH_MAX];
-    memset(messages, 0, sizeof(struct mmsghdr) * count);
+    batch_messages(messages, vectors, datagrams, count, 1);
     for (unsigned i = 0; i < count; i++) {
-        vectors[i].iov_base = datagrams[i].data;
-        vectors[i].iov_len = datagrams[i].capacity;
-        messages[i].msg_hdr.msg_iov = &vectors[i];
-        messages[i].msg_hdr.msg_iovlen = 1;
         messages[i].msg_hdr.msg_name = &addresses[i];
         messages[i].msg_hdr.msg_namelen = sizeof(addresses[i]);
     }
@@ -172,12 +181,8 @@ int rtv_sock_send_batch(int fd, struct rtv_sock_datagram *datagrams, unsigned co
     struct mmsghdr messages[RTV_SOCK_BATCH_MAX];
     struct iovec vectors[RTV_SOCK_BATCH_MAX];
     struct sockaddr_storage addresses[RTV_SOCK_BATCH_MAX];
-    memset(messages, 0, sizeof(struct mmsghdr) * count);
+    batch_messages(messages, vectors, datagrams, count, 0);
     for (unsigned i = 0; i < count; i++) {
-        vectors[i].iov_base = datagrams[i].data;
-        vectors[i].iov_len = datagrams[i].length;
-        messages[i].msg_hdr.msg_iov = &vectors[i];
-        messages[i].msg_hdr.msg_iovlen = 1;
         if (datagrams[i].endpoint.family != 0) {
             socklen_t length;
             int r = rtv_sock_to_sockaddr(&datagrams[i].endpoint, &addresses[i], &length);

@@ -100,6 +100,8 @@ let package = Package(
             ]
         ),
         .target(name: "RTVirtTesting", dependencies: ["RTVirtCore", "LongPoll"]),
+        // The test targets' skips for absent host features (XCTest; not a product).
+        .target(name: "RTVirtXCTestSupport", dependencies: ["RTVirtTesting"], path: "Tests/RTVirtXCTestSupport"),
         .target(name: "VMRPCSockets", dependencies: ["VMRPC", "RTVirtCore", "LongPoll", "CSocketsSupport"]),
         // Receive and transmit rings of datagrams in guest memory, filled by a VMM I/O thread that
         // raises an interrupt, drained through a doorbell: the conventional (virtio-net-shaped) path.
@@ -143,11 +145,11 @@ let package = Package(
             name: "LongPollTests",
             dependencies: ["LongPoll", "RTVirtCore", "RTVirtTesting", .product(name: "MetricsTestKit", package: "swift-metrics")]
         ),
-        .testTarget(name: "RealtimeVCPUTests", dependencies: ["RealtimeVCPU", "RTVirtCore", "RTVirtTesting"]),
+        .testTarget(name: "RealtimeVCPUTests", dependencies: ["RTVirtXCTestSupport", "RealtimeVCPU", "RTVirtCore", "RTVirtTesting"]),
         .testTarget(name: "X86GuestSetupTests", dependencies: ["X86GuestSetup", "RTVirtCore", "KVMBackend", "RTVirtGuestImage", "PacketRing"]),
         .testTarget(
             name: "KVMBackendTests",
-            dependencies: ["KVMBackend", "CKVMShim", "RTVirtCore", "LongPoll", "RealtimeVCPU", "X86GuestSetup", "VMRPC", "RTVirtTesting", "RTVirtGuestImage"]
+            dependencies: ["RTVirtXCTestSupport", "KVMBackend", "CKVMShim", "RTVirtCore", "LongPoll", "RealtimeVCPU", "X86GuestSetup", "VMRPC", "RTVirtTesting", "RTVirtGuestImage"]
         ),
         .testTarget(
             name: "VMRPCTests",
@@ -159,18 +161,18 @@ let package = Package(
         ),
         .testTarget(
             name: "VMRPCSocketsTests",
-            dependencies: ["VMRPCSockets", "VMRPC", "LongPoll", "RTVirtCore", "RTVirtTesting", "CVMRPCGuest", "VMRPCFuzzHarness",
+            dependencies: ["RTVirtXCTestSupport", "VMRPCSockets", "VMRPC", "LongPoll", "RTVirtCore", "RTVirtTesting", "CVMRPCGuest", "VMRPCFuzzHarness",
                            "KVMBackend", "RTVirtGuestImage"]
         ),
         .testTarget(
             name: "NetLatencyTests",
-            dependencies: ["NetLatency", "PacketRing", "VMRPCSockets", "VMRPC", "RTVirtCore", "RTVirtTesting", "KVMBackend",
+            dependencies: ["RTVirtXCTestSupport", "NetLatency", "PacketRing", "VMRPCSockets", "VMRPC", "RTVirtCore", "RTVirtTesting", "KVMBackend",
                            "RTVirtGuestImage", "LongPoll"]
         ),
-        .testTarget(name: "CgroupSchedulerTests", dependencies: ["CgroupScheduler", "RealtimeVCPU", "RTVirtTesting"]),
+        .testTarget(name: "CgroupSchedulerTests", dependencies: ["RTVirtXCTestSupport", "CgroupScheduler", "RealtimeVCPU", "RTVirtTesting"]),
         .testTarget(name: "RTVirtTestingTests", dependencies: ["RTVirtTesting", "LongPoll"]),
         .testTarget(name: "IntegrationTests", dependencies: [
-            "rtvirt", "CgroupScheduler", "KVMBackend", "RTVirtCore", "LongPoll", "RealtimeVCPU", "X86GuestSetup", "VMRPC",
+            "RTVirtXCTestSupport", "rtvirt", "CgroupScheduler", "KVMBackend", "RTVirtCore", "LongPoll", "RealtimeVCPU", "X86GuestSetup", "VMRPC",
             "RTVirtGuestImage", "RTVirtTesting", "VMRPCSockets", "PacketRing", "NetLatency", "CZlib",
             .product(name: "Histogram", package: "hdrhistogram-swift"),
         ]),

@@ -2,6 +2,7 @@ import CgroupScheduler
 import Foundation
 import RTVirtCore
 import XCTest
+import RTVirtXCTestSupport
 
 /// A temporary directory standing for cgroup mount points, removed at deinit, with a lock
 /// file of its own so that fixture tests never wait for real partitions.

@@ -4,11 +4,7 @@ import RTVirtCore
 import RealtimeVCPU
 import RTVirtTesting
 import XCTest
-
-/// A skip for a host feature that is absent (a failure under `RTVIRT_REQUIRE_REAL=1`).
-func unavailable(_ message: String) -> any Error {
-    RealHostRequirement.isRequired ? RealHostRequirement.Missing(message) : XCTSkip(message)
-}
+import RTVirtXCTestSupport
 
 /// Skips unless this host has cgroup v1 cpuset and cpu with RT group scheduling, and we are root.
 func realHierarchyOrSkip() throws -> CgroupHierarchy {

@@ -2,6 +2,7 @@
 import Foundation
 @testable import RTVirtCore
 import XCTest
+import RTVirtXCTestSupport
 
 final class OverrunWatchdogTests: XCTestCase {
     /// CPU times and a clock the test advances by hand.

@@ -6,6 +6,7 @@ import RTVirtCore
 @testable import rtvirt
 import XCTest
 import RealtimeVCPU
+import RTVirtXCTestSupport
 
 /// `rtvirt cyclictest`'s pieces: the HdrHistogram log encoding, rounds, statistics and
 /// comparisons, the plot's axes, and one real round of every path. No timing is asserted.

@@ -7,6 +7,7 @@ import RTVirtCore
 @testable import rtvirt
 import VMRPCSockets
 import XCTest
+import RTVirtXCTestSupport
 
 /// `rtvirt net-bench` and `rtvirt net-echo`, short (root, /dev/kvm, iproute2; run under
 /// flock /tmp/rtvirt-hw.lock).

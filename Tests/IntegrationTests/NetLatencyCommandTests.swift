@@ -10,16 +10,16 @@ import RTVirtTesting
 @testable import rtvirt
 import VMRPCSockets
 import XCTest
+import RTVirtXCTestSupport
 
 /// `rtvirt netlatency`: a short run of every path, its JSON, and the teardown on the way out,
 /// on Ctrl-C and after a crash (root, /dev/kvm, iproute2; run under flock /tmp/rtvirt-hw.lock).
 final class NetLatencyCommandTests: XCTestCase {
     func requirements() throws {
-        func missing(_ what: String) -> any Error { RealHostRequirement.isRequired ? RealHostRequirement.Missing(what) : XCTSkip(what) }
-        guard geteuid() == 0 else { throw missing("netlatency needs root for network namespaces") }
-        do { _ = try KVMSystem() } catch { throw missing("/dev/kvm is not available (\(error))") }
-        guard access("/usr/sbin/ip", X_OK) == 0 || access("/sbin/ip", X_OK) == 0 else { throw missing("iproute2 is not installed") }
-        guard try ThreadScheduling.affinity().cpus.count >= 2 else { throw missing("netlatency needs two CPUs (tester and services)") }
+        guard geteuid() == 0 else { throw unavailable("netlatency needs root for network namespaces") }
+        do { _ = try KVMSystem() } catch { throw unavailable("/dev/kvm is not available (\(error))") }
+        guard access("/usr/sbin/ip", X_OK) == 0 || access("/sbin/ip", X_OK) == 0 else { throw unavailable("iproute2 is not installed") }
+        guard try ThreadScheduling.affinity().cpus.count >= 2 else { throw unavailable("netlatency needs two CPUs (tester and services)") }
     }
 
     /// This process's namespaces and veths of the instrument.

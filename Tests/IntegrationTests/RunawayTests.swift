@@ -4,11 +4,7 @@ import RTVirtCore
 import RTVirtTesting
 @testable import rtvirt
 import XCTest
-
-/// A skip for a host feature that is absent (a failure under `RTVIRT_REQUIRE_REAL=1`).
-func unavailable(_ message: String) -> any Error {
-    RealHostRequirement.isRequired ? RealHostRequirement.Missing(message) : XCTSkip(message)
-}
+import RTVirtXCTestSupport
 
 /// Root, cgroup v1 with RT group scheduling and cpuset, `/dev/kvm` and a second CPU, or a skip
 /// naming the one that is absent. Any other error (a KVM ioctl that fails, say) fails the test.

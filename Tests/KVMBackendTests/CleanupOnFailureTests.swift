@@ -3,6 +3,7 @@ import Glibc
 @testable import KVMBackend
 import RTVirtCore
 import XCTest
+import RTVirtXCTestSupport
 
 /// Failures part-way through a KVM call sequence must leave nothing registered with KVM.
 final class CleanupOnFailureTests: XCTestCase {

@@ -2,11 +2,7 @@ import KVMBackend
 import RTVirtCore
 import RTVirtTesting
 import XCTest
-
-/// A skip for a host feature that is absent (a failure under `RTVIRT_REQUIRE_REAL=1`).
-func unavailable(_ message: String) -> any Error {
-    RealHostRequirement.isRequired ? RealHostRequirement.Missing(message) : XCTSkip(message)
-}
+import RTVirtXCTestSupport
 
 /// Opens /dev/kvm, or skips the test naming what is missing. Any other error fails the test.
 func openKVMOrSkip() throws -> KVMSystem {

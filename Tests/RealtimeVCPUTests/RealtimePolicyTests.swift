@@ -2,11 +2,7 @@ import RTVirtCore
 import RTVirtTesting
 import XCTest
 import RealtimeVCPU
-
-/// A skip for a host feature that is absent (a failure under `RTVIRT_REQUIRE_REAL=1`).
-func unavailable(_ message: String) -> any Error {
-    RealHostRequirement.isRequired ? RealHostRequirement.Missing(message) : XCTSkip(message)
-}
+import RTVirtXCTestSupport
 
 /// Skips when this process may not use real-time scheduling (EPERM: not root, no CAP_SYS_NICE,
 /// RLIMIT_RTPRIO 0). Any other error of the probe fails the test.

@@ -8,6 +8,7 @@ import VMRPC
 import VMRPCSockets
 import XCTest
 import LongPoll
+import RTVirtXCTestSupport
 
 func openKVMOrSkip() throws -> KVMSystem {
     do {

@@ -6,11 +6,7 @@ import RTVirtCore
 import RTVirtTesting
 import VMRPCSockets
 import XCTest
-
-/// A skip for a host feature that is absent (a failure under `RTVIRT_REQUIRE_REAL=1`).
-func unavailable(_ message: String) -> any Error {
-    RealHostRequirement.isRequired ? RealHostRequirement.Missing(message) : XCTSkip(message)
-}
+import RTVirtXCTestSupport
 
 /// Skips unless the test runs as root with iproute2 (namespaces and veths need both).
 func requireNamespaces() throws {

@@ -101,7 +101,7 @@ let package = Package(
         ),
         .target(name: "RTVirtTesting", dependencies: ["RTVirtCore", "LongPoll"]),
         // The test targets' skips for absent host features (XCTest; not a product).
-        .target(name: "RTVirtXCTestSupport", dependencies: ["RTVirtTesting"], path: "Tests/RTVirtXCTestSupport"),
+        .target(name: "RTVirtXCTestSupport", dependencies: ["RTVirtTesting", "KVMBackend"], path: "Tests/RTVirtXCTestSupport"),
         .target(name: "VMRPCSockets", dependencies: ["VMRPC", "RTVirtCore", "LongPoll", "CSocketsSupport"]),
         // Receive and transmit rings of datagrams in guest memory, filled by a VMM I/O thread that
         // raises an interrupt, drained through a doorbell: the conventional (virtio-net-shaped) path.

@@ -358,13 +358,3 @@ private func inflate(_ compressed: [UInt8]) throws -> [UInt8] {
     return Array(output.prefix(Int(capacity)))
 }
 
-/// Opens /dev/kvm, or skips `test` saying what is missing (a failure under `RTVIRT_REQUIRE_REAL=1`).
-func openKVMOrSkip(_ test: String) throws -> KVMSystem {
-    do {
-        return try KVMSystem()
-    } catch .deviceMissing(let path) {
-        throw unavailable("\(test) skipped: \(path) is not present")
-    } catch .permissionDenied(let path) {
-        throw unavailable("\(test) skipped: no permission to open \(path)")
-    }
-}

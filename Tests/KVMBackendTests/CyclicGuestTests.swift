@@ -4,6 +4,7 @@ import RTVirtGuestImage
 import VMRPC
 import XCTest
 import LongPoll
+import RTVirtXCTestSupport
 
 /// The cyclic guest modes on real KVM, short runs. Latency targets are checked by
 /// `rtvirt cyclictest`, not here; these tests check that each path works and what it records.

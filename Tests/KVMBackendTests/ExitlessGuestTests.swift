@@ -4,6 +4,7 @@ import RTVirtCore
 import RTVirtGuestImage
 import VMRPC
 import XCTest
+import RTVirtXCTestSupport
 
 /// A real guest on KVM making exitless VMRPC calls through the C header, with a poller thread.
 final class ExitlessGuestTests: XCTestCase {

@@ -2,6 +2,7 @@ import KVMBackend
 import RTVirtCore
 import RTVirtGuestImage
 import XCTest
+import RTVirtXCTestSupport
 
 /// A bus device that records every access and answers reads with a fixed pattern.
 final class RecordingDevice: BusDevice {

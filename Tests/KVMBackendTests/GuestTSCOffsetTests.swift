@@ -4,6 +4,7 @@ import RTVirtGuestImage
 import XCTest
 import LongPoll
 import RealtimeVCPU
+import RTVirtXCTestSupport
 
 /// The guest TSC offset of a vCPU that never runs is constant, so every reading of it can be
 /// checked against one reference: the kernel's own value where it reports one.

@@ -4,6 +4,7 @@ import RTVirtGuestImage
 import VMRPC
 import XCTest
 import LongPoll
+import RTVirtXCTestSupport
 
 /// Interrupts on real KVM: several vCPUs with the in-kernel LAPIC, and an interrupt that ends
 /// a vCPU's long poll so that the guest takes it at once.

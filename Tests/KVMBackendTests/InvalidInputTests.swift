@@ -3,6 +3,7 @@ import RTVirtCore
 import RTVirtGuestImage
 import XCTest
 import X86GuestSetup
+import RTVirtXCTestSupport
 
 final class InvalidInputTests: XCTestCase {
     func testMissingDeviceIsATypedError() {

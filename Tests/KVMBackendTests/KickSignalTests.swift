@@ -4,6 +4,7 @@ import RTVirtCore
 import RTVirtGuestImage
 import Synchronization
 import XCTest
+import RTVirtXCTestSupport
 
 /// Deliveries seen by the test's own handler (a C function pointer cannot capture).
 let foreignHandlerDeliveries = Atomic<Int>(0)

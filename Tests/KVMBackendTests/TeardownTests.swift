@@ -2,12 +2,9 @@
 import RTVirtCore
 import RTVirtGuestImage
 import XCTest
+import RTVirtXCTestSupport
 
-/// Counts this process's open file descriptors and memory mappings.
-private func openDescriptorCount() -> Int {
-    (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? -1
-}
-
+/// This process's memory mappings.
 private func mappings() -> [Substring] {
     (HostFiles().read("/proc/self/maps") ?? "").split(separator: "\n")
 }

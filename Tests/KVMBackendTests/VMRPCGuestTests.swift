@@ -4,6 +4,7 @@ import RTVirtGuestImage
 import VMRPC
 import XCTest
 import LongPoll
+import RTVirtXCTestSupport
 
 /// A real guest on KVM calling VMRPC through the C header.
 final class VMRPCGuestTests: XCTestCase {

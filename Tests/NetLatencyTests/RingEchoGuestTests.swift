@@ -7,6 +7,7 @@ import RTVirtCore
 import RTVirtGuestImage
 import VMRPCSockets
 import XCTest
+import RTVirtXCTestSupport
 
 /// The conventional path on real KVM: the ring echo guest (mode 31) halted with interrupts
 /// enabled at CPL 0 is woken by a real interrupt through the in-kernel irqchip — an irqfd whose

@@ -5,6 +5,7 @@ import NetLatency
 import RTVirtCore
 import VMRPCSockets
 import XCTest
+import RTVirtXCTestSupport
 
 /// The plan and the probe format, without a network.
 final class LatencyProbePlanTests: XCTestCase {

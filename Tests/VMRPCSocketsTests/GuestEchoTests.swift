@@ -10,16 +10,6 @@ import XCTest
 import LongPoll
 import RTVirtXCTestSupport
 
-func openKVMOrSkip() throws -> KVMSystem {
-    do {
-        return try KVMSystem()
-    } catch .deviceMissing(let path) {
-        throw unavailable("real-KVM test skipped: \(path) is not present on this machine")
-    } catch .permissionDenied(let path) {
-        throw unavailable("real-KVM test skipped: no permission to open \(path) (run as root or join its group)")
-    }
-}
-
 /// The bundled guest's echo modes on real KVM, with their sockets in a VM namespace and the
 /// client in another namespace (root, /dev/kvm, iproute2; run under flock /tmp/rtvirt-hw.lock).
 final class GuestEchoTests: XCTestCase {

@@ -8,19 +8,6 @@ import VMRPCSockets
 import XCTest
 import RTVirtXCTestSupport
 
-/// Skips unless the test runs as root with iproute2 (namespaces and veths need both).
-func requireNamespaces() throws {
-    guard getuid() == 0 else { throw unavailable("network namespace test skipped: namespaces need root") }
-    guard ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"].contains(where: { (path: String) in access(path, X_OK) == 0 }) else {
-        throw unavailable("network namespace test skipped: iproute2 (ip) is not installed")
-    }
-}
-
-/// Descriptors the process has open now.
-func openDescriptorCount() -> Int {
-    (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? -1
-}
-
 /// A VM network whose veth's other end is in a client namespace of its own, so that test
 /// packets never touch the VMM's namespace: the guest side is 198.18.5.2/24 and fd00:5::2/64, the
 /// client 198.18.5.1/24 and fd00:5::1/64.

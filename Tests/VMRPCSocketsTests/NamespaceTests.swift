@@ -7,6 +7,7 @@ import VMRPC
 import VMRPCSockets
 import XCTest
 import LongPoll
+import RTVirtXCTestSupport
 
 /// Real namespaces, veths and sockets (root and iproute2; run under flock /tmp/rtvirt-hw.lock).
 final class NamespaceTests: XCTestCase {
